@@ -1,0 +1,208 @@
+"""The Timber numerical kernel: pure torch, device-agnostic, no mergekit imports.
+
+For a delta D = W_I - W_B with singular values S (descending), Timber keeps the head
+of K components and scales the tail by lambda:
+
+    W_out = W_I - (1 - lambda) * P_tail(D)        (tail form)
+          = W_B + lambda * D + (1 - lambda) * H   (head form, H = head of D)
+
+Only the head/tail *subspace* is needed, so the kernel never forms U: it takes the
+eigen-decomposition of the smaller Gram matrix (D^T D of a tall D), in float64, which
+yields the right singular vectors and S^2. Everything is computed on the device the
+inputs live on; a wide matrix is handled as its transpose. Stacked inputs ([B, m, n])
+are decomposed in one batched call.
+
+Why float64 throughout: squaring the spectrum in a Gram matrix doubles its dynamic
+range, so a float32 Gram loses the tail of any steep spectrum (measured: 5e-2 of the
+edit's norm on a 1/i spectrum). In float64 the deviation from a float64 SVD stays
+around 1e-11 on the spectra we test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+# Rows of a tall delta processed at a time: bounds float64 scratch memory to about
+# CHUNK_BYTES per buffer whatever the tensor size (the 151936-row embedding included).
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class HeadRule:
+    """How many leading singular components form the head that Timber keeps.
+
+    kind "erank" is Timber's rule, K = ceil(eRank). The paper's ablations:
+    "rank_ratio" keeps ceil(value * rank) components (Truncate-R, rank = min(m, n));
+    "energy" keeps the smallest head holding `value` of sum(S^2) (Truncate-E).
+    """
+
+    kind: str = "erank"
+    value: Optional[float] = None
+
+    def __post_init__(self):
+        if self.kind not in ("erank", "rank_ratio", "energy"):
+            raise ValueError(f"unknown head rule {self.kind!r}")
+        if self.kind != "erank" and (self.value is None or not 0 < self.value <= 1):
+            raise ValueError(f"{self.kind} must lie in (0, 1]; got {self.value}")
+
+
+ERANK = HeadRule()
+
+
+def effective_rank(singular_values: torch.Tensor) -> torch.Tensor:
+    """eRank = exp(entropy of S / sum(S)) over the last axis; 0 for an all-zero S."""
+    s = singular_values.to(torch.float64).clamp_min(0)
+    total = s.sum(dim=-1, keepdim=True)
+    p = s / torch.where(total > 0, total, torch.ones_like(total))
+    entropy = -(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))).sum(dim=-1)
+    return torch.where(total.squeeze(-1) > 0, torch.exp(entropy), torch.zeros_like(entropy))
+
+
+def head_size(singular_values: torch.Tensor, rule: HeadRule = ERANK) -> torch.Tensor:
+    """K per matrix (int64, last axis = descending singular values), in [0, rank]."""
+    s = singular_values.to(torch.float64)
+    rank = s.shape[-1]
+    if rule.kind == "erank":
+        # The tiny slack keeps an eRank that is an integer up to rounding (a flat
+        # spectrum) from rounding up to a component that is zero anyway.
+        k = torch.ceil(effective_rank(s) - 1e-9)
+    elif rule.kind == "rank_ratio":
+        k = torch.full(s.shape[:-1], math.ceil(rule.value * rank - 1e-9), dtype=torch.float64)
+    else:
+        energy = (s * s).cumsum(dim=-1)
+        total = energy[..., -1:].clamp_min(torch.finfo(torch.float64).tiny)
+        reached = energy / total >= rule.value - 1e-12
+        k = (~reached).sum(dim=-1).to(torch.float64) + 1
+        k = torch.where(energy[..., -1] > 0, k, torch.zeros_like(k))
+    return k.clamp(0, rank).to(torch.int64)
+
+
+def _row_chunks(shape: torch.Size) -> list:
+    """Row slices of a tall [..., m, n] stack, each about CHUNK_BYTES in float64."""
+    m, n = shape[-2:]
+    batch = max(1, math.prod(shape[:-2]))
+    step = max(1, CHUNK_BYTES // (8 * max(1, n) * batch))
+    return [slice(start, min(m, start + step)) for start in range(0, m, step)]
+
+
+def _delta64(base: torch.Tensor, instruct: torch.Tensor, rows: slice) -> torch.Tensor:
+    return instruct[..., rows, :].to(torch.float64) - base[..., rows, :].to(torch.float64)
+
+
+def _as_tall(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(-1, -2) if t.shape[-2] < t.shape[-1] else t
+
+
+def right_spectrum(
+    base: torch.Tensor, instruct: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and right singular vectors of a tall delta.
+
+    Returns (s [..., n], V [..., n, n]) with V's columns in the order of s.
+    Eigenvalues under the Gram's rounding floor (n * eps * largest) are set to zero:
+    they are noise of size sqrt(eps) * S_1, not spectrum.
+    """
+    n = base.shape[-1]
+    gram = torch.zeros(base.shape[:-2] + (n, n), dtype=torch.float64, device=base.device)
+    for rows in _row_chunks(base.shape):
+        d = _delta64(base, instruct, rows)
+        gram.add_(d.transpose(-1, -2) @ d)
+        del d
+    evals, evecs = torch.linalg.eigh(gram)
+    del gram
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    floor = evals[..., :1].clamp_min(0) * (n * torch.finfo(torch.float64).eps)
+    evals = torch.where(evals > floor, evals, torch.zeros_like(evals))
+    return evals.sqrt(), evecs
+
+
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending, float64) of [..., m, n] via the smaller Gram."""
+    tall = _as_tall(matrix)
+    zero = torch.zeros((), dtype=tall.dtype, device=tall.device).expand_as(tall)
+    return right_spectrum(zero, tall)[0]
+
+
+@dataclass(frozen=True)
+class Refined:
+    """The refined tensor and what the decomposition found, per stacked matrix."""
+
+    tensor: torch.Tensor
+    singular_values: torch.Tensor  # [B, rank], descending
+    k: torch.Tensor  # [B]
+
+
+def refine_stack(
+    base: torch.Tensor,
+    instruct: torch.Tensor,
+    lam: float,
+    rule: HeadRule = ERANK,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Refined:
+    """Timber on a stack of matrices [B, m, n]: one decomposition per matrix.
+
+    Returns the result in `out_dtype` (default: the instruct tensor's dtype), on the
+    inputs' device.
+    """
+    if base.shape != instruct.shape or base.ndim != 3:
+        raise ValueError(f"expected two equal [B, m, n] stacks; got {tuple(base.shape)} and {tuple(instruct.shape)}")
+    out_dtype = out_dtype or instruct.dtype
+    b_tall, i_tall = _as_tall(base), _as_tall(instruct)
+    s, v = right_spectrum(b_tall, i_tall)
+    k = head_size(s, rule)
+    out = torch.empty(instruct.shape, dtype=out_dtype, device=instruct.device)
+    _rebuild(b_tall, i_tall, v, k, float(lam), _as_tall(out))
+    return Refined(tensor=out, singular_values=s, k=k)
+
+
+def _rebuild(
+    base: torch.Tensor,
+    instruct: torch.Tensor,
+    v: torch.Tensor,
+    k: torch.Tensor,
+    lam: float,
+    out: torch.Tensor,
+) -> None:
+    """Write W_out into `out` chunk by chunk, using whichever of head/tail is smaller."""
+    n = v.shape[-1]
+    head_total = int(k.sum())
+    tail_total = int((n - k).sum())
+    index = torch.arange(n, device=v.device)
+    if tail_total <= head_total:
+        # W_out = W_I - (1 - lam) * D V_t V_t^T, with V_t the columns at index >= K
+        width = int((n - k).max())
+        cols = v[..., n - width :]
+        keep = (index[n - width :] >= k.unsqueeze(-1)).to(torch.float64)
+        coef = 1.0 - lam
+    else:
+        # W_out = W_B + lam * D + (1 - lam) * D V_h V_h^T, with V_h the columns below K
+        width = int(k.max())
+        cols = v[..., :width]
+        keep = (index[:width] < k.unsqueeze(-1)).to(torch.float64)
+        coef = 1.0 - lam
+    # Rows of cols_t are masked so that each matrix of the stack uses its own K.
+    cols_t = (cols * keep.unsqueeze(-2)).transpose(-1, -2)
+    for rows in _row_chunks(base.shape):
+        d = _delta64(base, instruct, rows)
+        update = (d @ cols) @ cols_t
+        if tail_total <= head_total:
+            result = instruct[..., rows, :].to(torch.float64) - coef * update
+        else:
+            result = base[..., rows, :].to(torch.float64) + lam * d + coef * update
+        out[..., rows, :] = result.to(out.dtype)
+        del d, update, result
+
+
+def refine_matrix(
+    base: torch.Tensor,
+    instruct: torch.Tensor,
+    lam: float,
+    rule: HeadRule = ERANK,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Timber on one [m, n] matrix (see refine_stack)."""
+    return refine_stack(base.unsqueeze(0), instruct.unsqueeze(0), lam, rule, out_dtype).tensor[0]

@@ -1,0 +1,233 @@
+"""The mergekit adapter: `timber` and `timber_l` as mergekit GroupMergeMethods.
+
+This module maps mergekit's per-tensor call onto the kernel: it picks which tensors
+are refined, splits stacked MoE experts and fused projections into matrices, checks
+the inputs, and reads the parameters. The maths lives in mergekit_timber.kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from pydantic import AfterValidator
+from typing_extensions import Annotated
+
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    OptionalTensorPolicy,
+    ParameterScope,
+    ParameterSpec,
+    PerInputValues,
+    TensorGroup,
+)
+
+from mergekit_timber import DISTRIBUTION, PAPER_URL
+from mergekit_timber.errors import TimberConfigError, TimberInputError
+from mergekit_timber.kernel import ERANK, HeadRule, refine_stack
+
+DEFAULT_LAMBDA = 0.2  # the authors' recommended default (SPEC)
+
+
+def _fraction(name: str, *, zero_ok: bool):
+    def check(value: Optional[float]) -> Optional[float]:
+        if value is None:
+            return None
+        low_ok = value >= 0 if zero_ok else value > 0
+        if not (low_ok and value <= 1):  # also rejects NaN
+            interval = "[0, 1]" if zero_ok else "(0, 1]"
+            raise TimberConfigError(f"timber: {name} must lie in {interval}; got {value}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _no_lambda(value: Optional[float]) -> None:
+    if value is not None:
+        raise TimberConfigError(
+            "timber_l: parameter lambda is not accepted (timber_l removes the tail, "
+            f"lambda = 0); got lambda={value}; use merge_method: timber to set lambda"
+        )
+    return None
+
+
+def _parameters(with_lambda: bool) -> tuple:
+    # NON_BASE scope: each may be set globally or under the instruct model's entry,
+    # with mergekit's filters and gradients; both places are honoured.
+    lam = (
+        ParameterSpec(
+            "lambda",
+            Annotated[float, _fraction("lambda", zero_ok=True)],
+            ParameterScope.NON_BASE,
+            default=DEFAULT_LAMBDA,
+            description="Scale of the spectral tail: 0 removes it, 1 keeps the instruct tensor.",
+        )
+        if with_lambda
+        else ParameterSpec(
+            "lambda",
+            Annotated[Optional[float], AfterValidator(_no_lambda)],
+            ParameterScope.NON_BASE,
+            default=None,
+            description="Not accepted: timber_l always removes the tail.",
+        )
+    )
+    return (
+        lam,
+        ParameterSpec(
+            "refine_embeddings",
+            bool,
+            ParameterScope.NON_BASE,
+            default=True,
+            description="Refine vocabulary-sized tensors (embeddings, lm_head); "
+            "false takes them from the instruct model.",
+        ),
+        ParameterSpec(
+            "rank_ratio",
+            Annotated[Optional[float], _fraction("rank_ratio", zero_ok=False)],
+            ParameterScope.NON_BASE,
+            default=None,
+            description="Ablation (Truncate-R): keep ceil(rank_ratio * rank) components instead of ceil(eRank).",
+        ),
+        ParameterSpec(
+            "energy",
+            Annotated[Optional[float], _fraction("energy", zero_ok=False)],
+            ParameterScope.NON_BASE,
+            default=None,
+            description="Ablation (Truncate-E): keep the smallest head holding this share of sum(S^2).",
+        ),
+    )
+
+
+def _single(value: Any) -> Any:
+    """The instruct model's value of a NON_BASE parameter (there is exactly one)."""
+    if isinstance(value, PerInputValues):
+        (only,) = tuple(value.values())
+        return only
+    return value
+
+
+def head_rule(rank_ratio: Optional[float], energy: Optional[float], tensor: str) -> HeadRule:
+    if rank_ratio is not None and energy is not None:
+        raise TimberConfigError(
+            f"timber: {tensor}: rank_ratio={rank_ratio} and energy={energy} are both set; "
+            "choose one cutoff rule (or neither, for Timber's eRank rule)"
+        )
+    if rank_ratio is not None:
+        return HeadRule("rank_ratio", rank_ratio)
+    if energy is not None:
+        return HeadRule("energy", energy)
+    return ERANK
+
+
+def is_expert_stack(name: str, tensor: torch.Tensor) -> bool:
+    """mergekit 0.1.5 stores MoE experts stacked, e.g. mlp.experts.down_proj [E, H, I]."""
+    return tensor.ndim == 3 and ".experts." in f".{name}."
+
+
+def is_fused_gate_up(name: str, tensor: torch.Tensor) -> bool:
+    """Fused [E, 2I, H] gate_up_proj: gate and up are separate projections."""
+    return is_expert_stack(name, tensor) and name.endswith("gate_up_proj")
+
+
+def refine_tensor(
+    name: str,
+    base: torch.Tensor,
+    instruct: torch.Tensor,
+    lam: float,
+    rule: HeadRule = ERANK,
+) -> torch.Tensor:
+    """Timber on one checkpoint tensor, in the instruct tensor's dtype and device."""
+    if lam == 1:
+        return instruct
+    if is_fused_gate_up(name, instruct):
+        if instruct.shape[1] % 2:
+            raise TimberInputError(
+                f"{name}: fused gate_up_proj has an odd dimension 1 ({instruct.shape[1]})"
+            )
+        # One decomposition per expert and per projection: gate and up stacked as 2E matrices.
+        experts, width = instruct.shape[0], instruct.shape[1] // 2
+
+        def unfuse(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(experts, 2, width, -1).transpose(0, 1).reshape(2 * experts, width, -1)
+
+        out = refine_stack(unfuse(base), unfuse(instruct), lam, rule).tensor
+        return out.reshape(2, experts, width, -1).transpose(0, 1).reshape(instruct.shape)
+    if is_expert_stack(name, instruct):
+        return refine_stack(base, instruct, lam, rule).tensor
+    # The authors' script: a tensor of more than 2 dimensions is reshaped to [out, -1].
+    stack = (1, instruct.shape[0], -1)
+    out = refine_stack(base.reshape(stack), instruct.reshape(stack), lam, rule).tensor
+    return out.reshape(instruct.shape)
+
+
+def check_finite(name: str, which: str, tensor: torch.Tensor) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise TimberInputError(
+            f"{name}: the {which} model's tensor holds {bad} NaN/Inf value(s); "
+            "refusing to merge it"
+        )
+
+
+class TimberMerge(GroupMergeMethod):
+    """`timber` (tail scaled by lambda) or `timber_l` (tail removed)."""
+
+    def __init__(self, name: str, tail_removed: bool, version: str):
+        self.tail_removed = tail_removed
+        pretty = "Timber-L" if tail_removed else "Timber"
+        self.spec = MergeMethodSpec(
+            name=name,
+            parameters=_parameters(with_lambda=not tail_removed),
+            contract=InputContract(
+                base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2,
+                min_non_base=1, max_non_base=1,
+            ),
+            # mergekit prints the pretty name into the model card it writes: it says
+            # which package made the model and how to get it, so recipes reproduce.
+            pretty_name=f"{pretty} (via {DISTRIBUTION} {version}: "
+            f"`pip install {DISTRIBUTION}=={version}`)",
+            reference_url=PAPER_URL,
+            optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_SINGLETON,
+            uses_accelerator=True,
+        )
+
+    def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
+        where = f" ({group_name})" if group_name else ""
+        name = self.spec.name
+        if base_id is None or base_id not in list(input_ids):
+            raise TimberInputError(
+                f"{name}: no base model{where}: set base_model: to the Base model "
+                "and list its Instruct model under models:"
+            )
+        others = [i for i in input_ids if i != base_id]
+        if len(others) != 1:
+            raise TimberInputError(
+                f"{name}: needs exactly one model besides base_model{where}, "
+                f"its Instruct model; got {len(others)}"
+                + (f": {', '.join(str(o) for o in others)}" if others else "")
+            )
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        name = group.metadata.name or "<unnamed tensor>"
+        base, (instruct,) = group.base.tensor, [e.tensor for e in group.non_base]
+        if base.shape != instruct.shape:
+            raise TimberInputError(
+                f"{name}: base shape {tuple(base.shape)} != instruct shape {tuple(instruct.shape)}"
+            )
+        if not instruct.is_floating_point():
+            return instruct
+        check_finite(name, "base", base)
+        check_finite(name, "instruct", instruct)
+        lam = 0.0 if self.tail_removed else float(_single(parameters["lambda"]))
+        rule = head_rule(_single(parameters["rank_ratio"]), _single(parameters["energy"]), name)
+        if instruct.ndim < 2:
+            return instruct  # norms and biases: the instruct model's, as the authors do
+        if group.metadata.vocabulary_axis is not None and not _single(
+            parameters["refine_embeddings"]
+        ):
+            return instruct
+        return refine_tensor(name, base, instruct, lam, rule)
