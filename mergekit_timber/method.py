@@ -7,6 +7,7 @@ the inputs, and reads the parameters. The maths lives in mergekit_timber.kernel.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
@@ -29,6 +30,7 @@ from mergekit_timber import DISTRIBUTION, PAPER_URL
 from mergekit_timber.errors import TimberConfigError, TimberInputError
 from mergekit_timber.kernel import ERANK, HeadRule, refine_stack
 
+LOG = logging.getLogger(__name__)
 DEFAULT_LAMBDA = 0.2  # the authors' recommended default (SPEC)
 
 
@@ -229,5 +231,8 @@ class TimberMerge(GroupMergeMethod):
         if group.metadata.vocabulary_axis is not None and not _single(
             parameters["refine_embeddings"]
         ):
+            return instruct
+        if torch.equal(base, instruct):
+            LOG.warning("%s: base and instruct are identical; kept the instruct tensor", name)
             return instruct
         return refine_tensor(name, base, instruct, lam, rule)

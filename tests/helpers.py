@@ -1,0 +1,64 @@
+"""Shared helpers for end-to-end tests: run the real CLIs, read outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+
+BIN = Path(sys.executable).parent
+
+
+def cli(name: str) -> str:
+    """Path of a console script installed beside this interpreter."""
+    path = BIN / name
+    return str(path) if path.exists() else name
+
+
+def run_cli(*args, check=True, env=None, timeout=600):
+    """Run a console script as a user would; return the CompletedProcess."""
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [cli(args[0]), *map(str, args[1:])],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{args[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def write_yaml(path: Path, config) -> Path:
+    if isinstance(config, str):
+        path.write_text(config)
+    else:
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def load_dir(model_dir: Path) -> dict:
+    """All tensors of a model directory (any number of safetensors shards)."""
+    tensors = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    return tensors
+
+
+def config_of(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def mismatch_fraction(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Fraction of elements that differ after rounding `want` to got's dtype."""
+    return float((got != want.to(got.dtype)).float().mean())

@@ -1,0 +1,114 @@
+"""Bad input stops the merge with one clear line and leaves no output posing as success."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import run_cli, write_yaml
+from mergekit_timber.synthetic import write_pair
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return write_pair(tmp_path_factory.mktemp("err") / "llama", arch="llama", layers=1, seed=4)
+
+
+def fail(tmp_path, config, expected):
+    cfg = write_yaml(tmp_path / "bad.yml", config)
+    out = tmp_path / "out"
+    proc = run_cli("mergekit-yaml", cfg, out, check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    # Not presented as a finished model: mergekit writes config and card last.
+    assert not (out / "config.json").exists() and not (out / "README.md").exists()
+    return proc.stderr
+
+
+def one_line(stderr):
+    lines = [l for l in stderr.splitlines() if l.startswith("mergekit-timber: error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def cfg(base, models, **params):
+    c = {"merge_method": "timber", "models": [{"model": str(m)} for m in models]}
+    if base is not None:
+        c["base_model"] = str(base)
+    if params:
+        c["parameters"] = params
+    return c
+
+
+def test_missing_base(pair, tmp_path):
+    base, instruct = pair
+    one_line(fail(tmp_path, cfg(None, [instruct]), "timber: no base model"))
+
+
+def test_missing_second_model(pair, tmp_path):
+    base, instruct = pair
+    line = one_line(fail(tmp_path, cfg(base, [base]), "needs exactly one model besides base_model"))
+    assert "got 0" in line
+
+
+def test_three_models(pair, tmp_path):
+    base, instruct = pair
+    other = write_pair(tmp_path / "other", arch="llama", layers=1, seed=5)[1]
+    line = one_line(fail(tmp_path, cfg(base, [instruct, other]), "needs exactly one model besides base_model"))
+    assert "got 2" in line and str(other) in line
+
+
+def test_shape_mismatch_names_tensor_and_shapes(pair, tmp_path):
+    base, _ = pair
+    wider = write_pair(tmp_path / "wide", arch="llama", layers=1, seed=4, intermediate=96)[1]
+    err = fail(tmp_path, cfg(base, [wider]), "Tensor size mismatch for model.layers.0.mlp.down_proj.weight")
+    assert "(64, 128)" in err and "(64, 96)" in err
+
+
+@pytest.mark.parametrize("which,value", [("instruct", float("nan")), ("base", float("inf"))])
+def test_nan_or_inf_names_the_tensor(pair, tmp_path, which, value):
+    base, instruct = pair
+    victim = {"base": base, "instruct": instruct}[which]
+    poisoned = tmp_path / f"poisoned-{which}"
+    poisoned.mkdir()
+    for f in victim.iterdir():
+        (poisoned / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(poisoned / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.weight"][3, 5] = value
+    save_file(weights, str(poisoned / "model.safetensors"), metadata={"format": "pt"})
+    pair_dirs = {"base": (poisoned, instruct), "instruct": (base, poisoned)}[which]
+    line = one_line(fail(tmp_path, cfg(pair_dirs[0], [pair_dirs[1]]), "NaN/Inf"))
+    assert f"model.layers.0.self_attn.q_proj.weight: the {which} model's tensor holds 1 NaN/Inf" in line
+
+
+@pytest.mark.parametrize("lam", [1.5, -0.1])
+def test_lambda_out_of_range(pair, tmp_path, lam):
+    base, instruct = pair
+    line = one_line(fail(tmp_path, cfg(base, [instruct], **{"lambda": lam}), "lambda must lie in [0, 1]"))
+    assert str(lam) in line
+
+
+def test_lambda_out_of_range_under_a_filter(pair, tmp_path):
+    base, instruct = pair
+    lam = [{"filter": "mlp", "value": 2.0}, {"value": 0.2}]
+    one_line(fail(tmp_path, cfg(base, [instruct], **{"lambda": lam}), "lambda must lie in [0, 1]; got 2.0"))
+
+
+def test_timber_l_rejects_lambda(pair, tmp_path):
+    base, instruct = pair
+    c = cfg(base, [instruct], **{"lambda": 0.3})
+    c["merge_method"] = "timber_l"
+    one_line(fail(tmp_path, c, "timber_l: parameter lambda is not accepted"))
+
+
+def test_timber_l_rejects_lambda_on_the_model_entry(pair, tmp_path):
+    base, instruct = pair
+    c = cfg(base, [instruct])
+    c["merge_method"] = "timber_l"
+    c["models"][0]["parameters"] = {"lambda": 0.3}
+    one_line(fail(tmp_path, c, "timber_l: parameter lambda is not accepted"))
+
+
+def test_conflicting_cutoffs(pair, tmp_path):
+    base, instruct = pair
+    line = one_line(fail(tmp_path, cfg(base, [instruct], rank_ratio=0.9, energy=0.98), "choose one cutoff rule"))
+    assert "rank_ratio=0.9" in line and "energy=0.98" in line

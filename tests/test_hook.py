@@ -1,0 +1,82 @@
+"""The .pth registration hook: lazy, one-shot, idempotent, harmless when it fails."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def py(code, **env):
+    import os
+
+    full = dict(os.environ)
+    full.pop("MERGEKIT_TIMBER_NO_HOOK", None)
+    full.update(env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_interpreter_start_imports_neither_torch_nor_mergekit():
+    out = py("import sys; print(sorted(m for m in ('torch', 'mergekit', 'mergekit_timber._hook') if m in sys.modules))")
+    assert out.stdout.strip() == "['mergekit_timber._hook']"
+
+
+def test_plain_mergekit_import_sees_the_methods():
+    out = py("from mergekit import merge_methods as m; print(sorted(x.spec.name for x in m.registered_methods() if 'timber' in x.spec.name))")
+    assert out.stdout.strip() == "['timber', 'timber_l']"
+
+
+def test_environment_variable_turns_the_hook_off():
+    code = (
+        "import sys; assert 'mergekit_timber' not in sys.modules\n"
+        "from mergekit import merge_methods as m\n"
+        "print(any('timber' in x.spec.name for x in m.registered_methods()))"
+    )
+    assert py(code, MERGEKIT_TIMBER_NO_HOOK="1").stdout.strip() == "False"
+    # An explicit import still registers (the Python API path).
+    code = "import mergekit_timber\nfrom mergekit import merge_methods as m\nprint(m.get('timber').spec.name)"
+    assert py(code, MERGEKIT_TIMBER_NO_HOOK="1").stdout.strip() == "timber"
+
+
+def test_registering_is_idempotent():
+    code = (
+        "import mergekit_timber\nfrom mergekit import merge_methods as m\n"
+        "mergekit_timber.register(); mergekit_timber.register()\n"
+        "print([x.spec.name for x in m.registered_methods()].count('timber'))"
+    )
+    assert py(code).stdout.strip() == "1"
+
+
+def test_a_failing_registration_is_a_warning_not_a_broken_import():
+    code = (
+        "import sys, types\n"
+        "broken = types.ModuleType('mergekit_timber.registration')\n"
+        "def register_methods(): raise RuntimeError('boom')\n"
+        "broken.register_methods = register_methods\n"
+        "sys.modules['mergekit_timber.registration'] = broken\n"
+        "import mergekit.merge_methods as m\n"
+        "print('imported', m.get('linear').spec.name)"
+    )
+    out = py(code)
+    assert "imported linear" in out.stdout
+    assert "could not register the timber methods" in out.stderr and "boom" in out.stderr
+
+
+def test_wheel_ships_the_pth_file(tmp_path):
+    pytest.importorskip("hatchling")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("mergekit_timber-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "mergekit_timber_hook.pth" in names
+    assert "mergekit_timber/_hook.py" in names
+    pth = zipfile.ZipFile(wheel).read("mergekit_timber_hook.pth").decode()
+    assert pth.startswith("import ") and "MERGEKIT_TIMBER_NO_HOOK" in pth
