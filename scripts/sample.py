@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Draw n samples per problem from a local model and write pass@k correctness records.
+
+    python scripts/sample.py --model DIR --prompts problems.jsonl -o records.jsonl \\
+        --n 32 --temperature 0.8 --checker boxed --chat
+
+PROMPTS is JSON Lines, one problem a line: {"id": ..., "prompt": ..., "answer": ...}.
+Each completion is checked against "answer" (--checker exact: whole completion after
+normalisation; boxed: last \\boxed{...} or last number, compared numerically) and written
+as {"model", "problem", "sample", "correct", "completion"}, the input of
+`mergekit-timber passk`.
+
+The default backend is transformers (CPU or GPU, --device): fine for small models and a
+few hundred samples. For bigger runs (n in the hundreds, 7B+ models) use vLLM with
+`--backend vllm` after `pip install vllm`; it takes the same options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+try:
+    from mergekit_timber.answer_check import CHECKERS
+except ImportError:  # run from a source tree that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from mergekit_timber.answer_check import CHECKERS
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="local model directory (config, weights, tokenizer)")
+    p.add_argument("--prompts", required=True, type=Path, help='JSONL of {"id", "prompt", "answer"}')
+    p.add_argument("-o", "--output", required=True, type=Path, help="correctness records JSONL to write")
+    p.add_argument("--n", type=int, default=16, help="samples per problem (default 16)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per generate() call (transformers)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", help="model label in the records (default: the model directory name)")
+    p.add_argument("--checker", choices=sorted(CHECKERS), default="exact")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (transformers)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: float32 on CPU, the checkpoint's dtype on GPU")
+    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    args = p.parse_args(argv)
+    for name in ("n", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    return args
+
+
+def load_problems(path: Path) -> list[dict]:
+    problems = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SystemExit(f"error: {path}: cannot read ({exc.strerror or exc})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"error: {path} line {lineno}: invalid JSON ({exc.msg})") from None
+        missing = [k for k in ("id", "prompt", "answer") if not isinstance(obj, dict) or k not in obj]
+        if missing:
+            raise SystemExit(f"error: {path} line {lineno}: missing key {', '.join(map(repr, missing))}")
+        problems.append({"id": obj["id"], "prompt": str(obj["prompt"]), "answer": str(obj["answer"])})
+    if not problems:
+        raise SystemExit(f"error: {path}: no problems")
+    return problems
+
+
+def prompt_ids(tokenizer, problems: list[dict], chat: bool) -> list[list[int]]:
+    """Token ids per problem; the chat template already carries BOS, so none is added."""
+    if not chat:
+        return [tokenizer(p["prompt"])["input_ids"] for p in problems]
+    if not getattr(tokenizer, "chat_template", None):
+        raise SystemExit("error: --chat given but the tokenizer has no chat template")
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
+                                      add_generation_prompt=True)
+        for p in problems
+    ]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def sample_transformers(args: argparse.Namespace, tokenizer, ids: list[list[int]]) -> Iterator[tuple[int, str]]:
+    """(problem index, completion) n times per problem, problems in order, batch by batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "auto"  # half precision on CPU is slow
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=dtype)
+    model.to(device).eval()
+    set_seed(args.seed)
+
+    tokenizer.padding_side = "left"  # generation continues from the right end
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise SystemExit("error: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    sampling = (
+        {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+        if args.temperature > 0
+        else {"do_sample": False, "temperature": None, "top_p": None}
+    )
+    jobs = [i for i in range(len(ids)) for _ in range(args.n)]
+
+    def generate() -> Iterator[tuple[int, str]]:
+        for start in range(0, len(jobs), args.batch_size):
+            batch = jobs[start : start + args.batch_size]
+            enc = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(device)
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=args.max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id, **sampling)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            yield from zip(batch, texts)
+
+    # Set up now (errors before the output file is touched), generate lazily.
+    return generate()
+
+
+def sample_vllm(args: argparse.Namespace, ids: list[list[int]]) -> list[tuple[int, str]]:
+    """(problem index, completion) n times per problem; vLLM batches everything itself."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise SystemExit("error: --backend vllm needs vLLM (pip install vllm); or use --backend transformers") from None
+    llm = LLM(model=str(args.model), seed=args.seed, dtype=args.dtype)
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_new_tokens, seed=args.seed)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params)
+    return [(i, c.text) for i, out in enumerate(outputs) for c in out.outputs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    problems = load_problems(args.prompts)
+    if not args.model.is_dir():
+        raise SystemExit(f"error: {args.model}: not a model directory")
+    label = args.label or args.model.resolve().name
+    check = CHECKERS[args.checker]
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    ids = prompt_ids(tokenizer, problems, args.chat)
+    if args.backend == "vllm":
+        samples = sample_vllm(args, ids)
+    else:
+        samples = sample_transformers(args, tokenizer, ids)
+
+    from tqdm import tqdm
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    drawn = [0] * len(problems)
+    correct = 0
+    with open(args.output, "w", encoding="utf-8") as f:
+        # Written as they come, so a long run shows progress and keeps what it drew.
+        for i, text in tqdm(samples, total=len(problems) * args.n, desc="sampling", disable=None):
+            problem = problems[i]
+            record = {"model": label, "problem": problem["id"], "sample": drawn[i],
+                      "correct": check(text, problem["answer"]), "completion": text}
+            drawn[i] += 1
+            correct += record["correct"]
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+    print(f"wrote {sum(drawn)} records ({correct} correct) to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
