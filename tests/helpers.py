@@ -22,6 +22,10 @@ def cli(name: str) -> str:
 def run_cli(*args, check=True, env=None, timeout=600):
     """Run a console script as a user would; return the CompletedProcess."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Parallel workers share the cores: spinning OpenMP threads of oversubscribed
+        # processes slow LAPACK down by orders of magnitude, so one thread each.
+        full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
     proc = subprocess.run(
         [cli(args[0]), *map(str, args[1:])],
