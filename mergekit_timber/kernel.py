@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -129,34 +129,43 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Refined:
-    """The refined tensor and what the decomposition found, per stacked matrix."""
+    """The refined tensor(s) and what the decomposition found, per stacked matrix."""
 
-    tensor: torch.Tensor
+    tensors: Tuple[torch.Tensor, ...]  # one per lambda, in the order given
     singular_values: torch.Tensor  # [B, rank], descending
     k: torch.Tensor  # [B]
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.tensors[0]
 
 
 def refine_stack(
     base: torch.Tensor,
     instruct: torch.Tensor,
-    lam: float,
+    lam: Union[float, Sequence[float]],
     rule: HeadRule = ERANK,
     out_dtype: Optional[torch.dtype] = None,
 ) -> Refined:
     """Timber on a stack of matrices [B, m, n]: one decomposition per matrix.
 
-    Returns the result in `out_dtype` (default: the instruct tensor's dtype), on the
+    `lam` may be a sequence: one decomposition then serves every lambda (Timber is
+    linear in lambda), and each result is bit-identical to a call with that lambda
+    alone. Results are in `out_dtype` (default: the instruct tensor's dtype), on the
     inputs' device.
     """
     if base.shape != instruct.shape or base.ndim != 3:
-        raise ValueError(f"expected two equal [B, m, n] stacks; got {tuple(base.shape)} and {tuple(instruct.shape)}")
+        raise ValueError(
+            f"expected two equal [B, m, n] stacks; got {tuple(base.shape)} and {tuple(instruct.shape)}"
+        )
+    lams = [float(lam)] if isinstance(lam, (int, float)) else [float(x) for x in lam]
     out_dtype = out_dtype or instruct.dtype
     b_tall, i_tall = _as_tall(base), _as_tall(instruct)
     s, v = right_spectrum(b_tall, i_tall)
     k = head_size(s, rule)
-    out = torch.empty(instruct.shape, dtype=out_dtype, device=instruct.device)
-    _rebuild(b_tall, i_tall, v, k, float(lam), _as_tall(out))
-    return Refined(tensor=out, singular_values=s, k=k)
+    outs = [torch.empty(instruct.shape, dtype=out_dtype, device=instruct.device) for _ in lams]
+    _rebuild(b_tall, i_tall, v, k, lams, [_as_tall(o) for o in outs])
+    return Refined(tensors=tuple(outs), singular_values=s, k=k)
 
 
 def _rebuild(
@@ -164,37 +173,37 @@ def _rebuild(
     instruct: torch.Tensor,
     v: torch.Tensor,
     k: torch.Tensor,
-    lam: float,
-    out: torch.Tensor,
+    lams: Sequence[float],
+    outs: Sequence[torch.Tensor],
 ) -> None:
-    """Write W_out into `out` chunk by chunk, using whichever of head/tail is smaller."""
+    """Write W_out into each of `outs`, chunk by chunk, via the smaller of head/tail."""
     n = v.shape[-1]
-    head_total = int(k.sum())
-    tail_total = int((n - k).sum())
+    use_tail = int((n - k).sum()) <= int(k.sum())
     index = torch.arange(n, device=v.device)
-    if tail_total <= head_total:
+    if use_tail:
         # W_out = W_I - (1 - lam) * D V_t V_t^T, with V_t the columns at index >= K
         width = int((n - k).max())
         cols = v[..., n - width :]
         keep = (index[n - width :] >= k.unsqueeze(-1)).to(torch.float64)
-        coef = 1.0 - lam
     else:
         # W_out = W_B + lam * D + (1 - lam) * D V_h V_h^T, with V_h the columns below K
         width = int(k.max())
         cols = v[..., :width]
         keep = (index[:width] < k.unsqueeze(-1)).to(torch.float64)
-        coef = 1.0 - lam
     # Rows of cols_t are masked so that each matrix of the stack uses its own K.
     cols_t = (cols * keep.unsqueeze(-2)).transpose(-1, -2)
     for rows in _row_chunks(base.shape):
         d = _delta64(base, instruct, rows)
         update = (d @ cols) @ cols_t
-        if tail_total <= head_total:
-            result = instruct[..., rows, :].to(torch.float64) - coef * update
-        else:
-            result = base[..., rows, :].to(torch.float64) + lam * d + coef * update
-        out[..., rows, :] = result.to(out.dtype)
-        del d, update, result
+        start = (instruct if use_tail else base)[..., rows, :].to(torch.float64)
+        for lam, out in zip(lams, outs):
+            if use_tail:
+                result = start - (1.0 - lam) * update
+            else:
+                result = start + lam * d + (1.0 - lam) * update
+            out[..., rows, :] = result.to(out.dtype)
+            del result
+        del d, update, start
 
 
 def refine_matrix(

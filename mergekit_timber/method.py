@@ -8,7 +8,7 @@ the inputs, and reads the parameters. The maths lives in mergekit_timber.kernel.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from pydantic import AfterValidator
@@ -138,12 +138,26 @@ def refine_tensor(
     name: str,
     base: torch.Tensor,
     instruct: torch.Tensor,
-    lam: float,
+    lam: Union[float, Sequence[float]],
     rule: HeadRule = ERANK,
-) -> torch.Tensor:
-    """Timber on one checkpoint tensor, in the instruct tensor's dtype and device."""
-    if lam == 1:
-        return instruct
+) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """Timber on one checkpoint tensor, in the instruct tensor's dtype and device.
+
+    With a sequence of lambdas, one decomposition serves them all and a tuple of
+    results comes back, each bit-identical to a run with that lambda alone.
+    """
+    many = not isinstance(lam, (int, float))
+    lams = [float(x) for x in lam] if many else [float(lam)]
+    if all(x == 1 for x in lams):
+        outs = (instruct,) * len(lams)
+    else:
+        outs = _refine(name, base, instruct, lams, rule)
+        # lambda = 1 is the instruct tensor itself, as a single run returns it.
+        outs = tuple(instruct if x == 1 else o for x, o in zip(lams, outs))
+    return outs if many else outs[0]
+
+
+def _refine(name, base, instruct, lams, rule) -> Tuple[torch.Tensor, ...]:
     if is_fused_gate_up(name, instruct):
         if instruct.shape[1] % 2:
             raise TimberInputError(
@@ -155,14 +169,17 @@ def refine_tensor(
         def unfuse(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(experts, 2, width, -1).transpose(0, 1).reshape(2 * experts, width, -1)
 
-        out = refine_stack(unfuse(base), unfuse(instruct), lam, rule).tensor
-        return out.reshape(2, experts, width, -1).transpose(0, 1).reshape(instruct.shape)
+        def refuse(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(2, experts, width, -1).transpose(0, 1).reshape(instruct.shape)
+
+        outs = refine_stack(unfuse(base), unfuse(instruct), lams, rule).tensors
+        return tuple(refuse(o) for o in outs)
     if is_expert_stack(name, instruct):
-        return refine_stack(base, instruct, lam, rule).tensor
+        return refine_stack(base, instruct, lams, rule).tensors
     # The authors' script: a tensor of more than 2 dimensions is reshaped to [out, -1].
     stack = (1, instruct.shape[0], -1)
-    out = refine_stack(base.reshape(stack), instruct.reshape(stack), lam, rule).tensor
-    return out.reshape(instruct.shape)
+    outs = refine_stack(base.reshape(stack), instruct.reshape(stack), lams, rule).tensors
+    return tuple(o.reshape(instruct.shape) for o in outs)
 
 
 def check_finite(name: str, which: str, tensor: torch.Tensor) -> None:
@@ -214,25 +231,35 @@ class TimberMerge(GroupMergeMethod):
         super().validate_inputs(input_ids, base_id, group_name=group_name)
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        from mergekit_timber.sweep import active_sweep
+
         name = group.metadata.name or "<unnamed tensor>"
         base, (instruct,) = group.base.tensor, [e.tensor for e in group.non_base]
         if base.shape != instruct.shape:
             raise TimberInputError(
                 f"{name}: base shape {tuple(base.shape)} != instruct shape {tuple(instruct.shape)}"
             )
+        sweep = active_sweep()  # set only while `mergekit-timber sweep` runs a merge
+        lam = 0.0 if self.tail_removed else float(_single(parameters["lambda"]))
+        lams = [lam] + (list(sweep.other_lambdas) if sweep else [])
+        vocab = group.metadata.vocabulary_axis is not None
+        outs = self._merge(name, base, instruct, lams, vocab, parameters)
+        if sweep:
+            sweep.save(name, outs[1:])
+        return outs[0]
+
+    def _merge(self, name, base, instruct, lams, vocab, parameters) -> Tuple[torch.Tensor, ...]:
+        keep = (instruct,) * len(lams)
         if not instruct.is_floating_point():
-            return instruct
+            return keep
         check_finite(name, "base", base)
         check_finite(name, "instruct", instruct)
-        lam = 0.0 if self.tail_removed else float(_single(parameters["lambda"]))
         rule = head_rule(_single(parameters["rank_ratio"]), _single(parameters["energy"]), name)
         if instruct.ndim < 2:
-            return instruct  # norms and biases: the instruct model's, as the authors do
-        if group.metadata.vocabulary_axis is not None and not _single(
-            parameters["refine_embeddings"]
-        ):
-            return instruct
+            return keep  # norms and biases: the instruct model's, as the authors do
+        if vocab and not _single(parameters["refine_embeddings"]):
+            return keep
         if torch.equal(base, instruct):
             LOG.warning("%s: base and instruct are identical; kept the instruct tensor", name)
-            return instruct
-        return refine_tensor(name, base, instruct, lam, rule)
+            return keep
+        return refine_tensor(name, base, instruct, lams, rule)

@@ -1,0 +1,41 @@
+"""`mergekit-timber sweep CONFIG OUT --lambdas ...`: several lambdas from one pass."""
+
+from pathlib import Path
+
+import click
+
+from mergekit_timber.errors import TimberError
+
+
+def _merge_options(f):
+    # mergekit's own merge flags (--cuda, --device, --out-shard-size, ...), imported
+    # lazily so `mergekit-timber --help` stays fast.
+    from mergekit.options import add_merge_options
+
+    return add_merge_options(f)
+
+
+@click.command("sweep")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--lambdas", default="0,0.2,0.5,0.8", show_default=True,
+    help="Comma-separated lambdas; each gives OUT/lambda-X/. Replaces every lambda in CONFIG.",
+)
+@_merge_options
+def sweep(merge_options, config: Path, out: Path, lambdas: str) -> None:
+    """Timber at several lambdas with one decomposition per tensor.
+
+    Each OUT/lambda-X/ is the model `mergekit-yaml` writes for that lambda alone,
+    with its own model card and a mergekit_config.yml that reproduces it.
+    """
+    from mergekit_timber.sweep import parse_lambdas, run_sweep
+
+    merge_options.apply_global_options()
+    try:
+        values = parse_lambdas(lambdas)
+        outs = run_sweep(config, out, values, merge_options)
+    except TimberError as error:
+        raise click.ClickException(str(error)) from None
+    for lam, path in zip(values, outs):
+        click.echo(f"lambda={lam:g}\t{path}")
