@@ -112,12 +112,46 @@ def right_spectrum(
         d = _delta64(base, instruct, rows)
         gram.add_(d.transpose(-1, -2) @ d)
         del d
-    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = _eigh(gram)
     del gram
     evals, evecs = evals.flip(-1), evecs.flip(-1)
     floor = evals[..., :1].clamp_min(0) * (n * torch.finfo(torch.float64).eps)
     evals = torch.where(evals > floor, evals, torch.zeros_like(evals))
     return evals.sqrt(), evecs
+
+
+# CUDA devices whose float64 throughput is a full half of float32 (data-centre parts:
+# P100, V100, A100, H100, B100/B200). Consumer and workstation GPUs run float64 at
+# 1/32-1/64 speed, where LAPACK on the host is the faster place for the small Gram.
+_FAST_FP64_CAPABILITIES = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+
+
+def eigh_device(device: torch.device) -> torch.device:
+    """Where the [n, n] float64 eigen-decomposition runs for inputs on `device`.
+
+    CPU inputs: the CPU. CUDA inputs: the same GPU if it has fast float64, else the
+    host (the Gram and the projections, O(m n^2), stay on the GPU; only n x n moves).
+    MERGEKIT_TIMBER_EIGH_DEVICE=same|cpu overrides the choice.
+    """
+    import os
+
+    choice = os.environ.get("MERGEKIT_TIMBER_EIGH_DEVICE", "auto").strip().lower()
+    if device.type == "cpu" or choice == "same":
+        return device
+    if choice == "cpu":
+        return torch.device("cpu")
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        return device if capability in _FAST_FP64_CAPABILITIES else torch.device("cpu")
+    return device
+
+
+def _eigh(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    where = eigh_device(gram.device)
+    if where == gram.device:
+        return torch.linalg.eigh(gram)
+    evals, evecs = torch.linalg.eigh(gram.to(where))
+    return evals.to(gram.device), evecs.to(gram.device)
 
 
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:

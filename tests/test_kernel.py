@@ -139,3 +139,25 @@ def test_head_rule_validation():
         HeadRule("energy", 1.5)
     with pytest.raises(ValueError):
         HeadRule("nope")
+
+
+def test_eigh_device_policy(monkeypatch):
+    from mergekit_timber import kernel
+
+    cpu = torch.device("cpu")
+    assert kernel.eigh_device(cpu) == cpu
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert kernel.eigh_device(torch.device("cuda", 0)) == cpu  # consumer Ada: host LAPACK
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert kernel.eigh_device(torch.device("cuda", 0)) == torch.device("cuda", 0)  # H100
+    monkeypatch.setenv("MERGEKIT_TIMBER_EIGH_DEVICE", "cpu")
+    assert kernel.eigh_device(torch.device("cuda", 0)) == cpu
+
+
+def test_meta_device_allocations_follow_the_input():
+    # Every buffer is allocated on the input's device: shape-check on "meta" tensors
+    # (no data) up to the eigen-decomposition, which meta cannot run.
+    from mergekit_timber.kernel import _delta64, _row_chunks
+
+    b = torch.empty(10, 4, device="meta", dtype=torch.bfloat16)
+    assert _delta64(b, b, _row_chunks(b[None].shape)[0]).device.type == "meta"
