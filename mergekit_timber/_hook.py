@@ -29,6 +29,11 @@ def register_now() -> None:
 
 
 def _register_quietly() -> None:
+    # Importing mergekit_timber.method itself imports mergekit.merge_methods: then the
+    # method module is still half-initialised here, and registers itself once complete.
+    method = sys.modules.get("mergekit_timber.method")
+    if method is not None and not getattr(method, "READY", False):
+        return
     # A failure here must never break `import mergekit`: report it and go on.
     try:
         register_now()

@@ -198,11 +198,11 @@ def refine_stack(
     s, v = right_spectrum(b_tall, i_tall)
     k = head_size(s, rule)
     outs = [torch.empty(instruct.shape, dtype=out_dtype, device=instruct.device) for _ in lams]
-    _rebuild(b_tall, i_tall, v, k, lams, [_as_tall(o) for o in outs])
+    rebuild_into(b_tall, i_tall, v, k, lams, [_as_tall(o) for o in outs])
     return Refined(tensors=tuple(outs), singular_values=s, k=k)
 
 
-def _rebuild(
+def rebuild_into(
     base: torch.Tensor,
     instruct: torch.Tensor,
     v: torch.Tensor,

@@ -263,3 +263,11 @@ class TimberMerge(GroupMergeMethod):
             LOG.warning("%s: base and instruct are identical; kept the instruct tensor", name)
             return keep
         return refine_tensor(name, base, instruct, lams, rule)
+
+
+# Set last: the import hook defers registration while this module is half-imported
+# (see _hook._register_quietly), so complete it now.
+READY = True
+from mergekit_timber import _hook  # noqa: E402
+
+_hook.activate()

@@ -5,17 +5,19 @@ from __future__ import annotations
 import sys
 import threading
 
-from mergekit import merge_methods
-
-import mergekit_timber
 from mergekit_timber.errors import TimberError
-from mergekit_timber.method import TimberMerge
 
+# mergekit and the method module are imported inside the functions: importing this
+# module must not itself fire the import hook (that would be a circular import).
 METHOD_NAMES = ("timber", "timber_l")
-_lock = threading.Lock()
+# Re-entrant: importing the method module may itself complete a registration.
+_lock = threading.RLock()
 
 
 def build_methods() -> tuple:
+    import mergekit_timber
+    from mergekit_timber.method import TimberMerge
+
     version = mergekit_timber.__version__
     return (
         TimberMerge("timber", tail_removed=False, version=version),
@@ -24,9 +26,12 @@ def build_methods() -> tuple:
 
 
 def register_methods() -> None:
+    from mergekit import merge_methods
+
     with _lock:
+        methods = build_methods()  # may register (nested) while importing the method
         known = {m.spec.name for m in merge_methods.registered_methods()}
-        for method in build_methods():
+        for method in methods:
             if method.spec.name not in known:
                 merge_methods.register(method)
         _install_excepthook()

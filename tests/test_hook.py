@@ -80,3 +80,20 @@ def test_wheel_ships_the_pth_file(tmp_path):
     assert "mergekit_timber/_hook.py" in names
     pth = zipfile.ZipFile(wheel).read("mergekit_timber_hook.pth").decode()
     assert pth.startswith("import ") and "MERGEKIT_TIMBER_NO_HOOK" in pth
+
+
+@pytest.mark.parametrize(
+    "first",
+    ["mergekit_timber.registration", "mergekit_timber.method", "mergekit_timber.sweep",
+     "mergekit_timber.analysis", "mergekit_timber.kernel", "mergekit_timber"],
+)
+def test_any_import_order_registers_once_without_warning(first):
+    # Importing one of our modules that itself imports mergekit fires the hook while
+    # that module is half-initialised: registration must complete, not deadlock or warn.
+    code = (
+        "import warnings; warnings.simplefilter('error', RuntimeWarning)\n"
+        f"import {first}\n"
+        "from mergekit import merge_methods as m\n"
+        "print([x.spec.name for x in m.registered_methods()].count('timber'))"
+    )
+    assert py(code).stdout.strip() == "1"

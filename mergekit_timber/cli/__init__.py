@@ -11,8 +11,12 @@ def main() -> None:
 
 def _add_commands() -> None:
     from mergekit_timber.cli.passk import passk
+    from mergekit_timber.cli.sweep import sweep
 
     main.add_command(passk)
+    main.add_command(sweep)
+    from mergekit_timber.cli.analyze import analyze
+    main.add_command(analyze)
 
 
 _add_commands()
