@@ -97,3 +97,14 @@ def test_any_import_order_registers_once_without_warning(first):
         "print([x.spec.name for x in m.registered_methods()].count('timber'))"
     )
     assert py(code).stdout.strip() == "1"
+
+
+def test_cli_help_is_fast_to_import():
+    code = (
+        "import sys\nfrom mergekit_timber.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'mergekit' in sys.modules)"
+    )
+    out = py(code).stdout
+    assert "analyze" in out and "sweep" in out and "passk" in out
+    assert out.strip().splitlines()[-1] == "False False"
