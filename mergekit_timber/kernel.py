@@ -97,6 +97,62 @@ def _as_tall(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(-1, -2) if t.shape[-2] < t.shape[-1] else t
 
 
+class NonFiniteDelta(ValueError):
+    """The delta holds NaN or Inf (so does one of the inputs)."""
+
+
+# Below this width one plain GEMM is as fast as the three-block symmetric one.
+_SYMMETRIC_MIN_N = 256
+
+
+def _add_gram(gram: torch.Tensor, d: torch.Tensor) -> None:
+    """gram += d^T d on its upper three half-blocks only (3/4 of the GEMM flops).
+
+    [A1 A2]^T [A1 A2] = [[A1^T A1, A1^T A2], [A2^T A1, A2^T A2]]: the lower-left block
+    is the transpose of the upper-right one; `_fill_gram` copies it once at the end.
+    """
+    n = d.shape[-1]
+    if n < _SYMMETRIC_MIN_N:
+        gram.add_(d.transpose(-1, -2) @ d)
+        return
+    h = n // 2
+    a1, a2 = d[..., :h], d[..., h:]
+    gram[..., :h, :h].add_(a1.transpose(-1, -2) @ a1)
+    gram[..., :h, h:].add_(a1.transpose(-1, -2) @ a2)
+    gram[..., h:, h:].add_(a2.transpose(-1, -2) @ a2)
+
+
+def _fill_gram(gram: torch.Tensor) -> None:
+    n = gram.shape[-1]
+    if n >= _SYMMETRIC_MIN_N:
+        h = n // 2
+        gram[..., h:, :h] = gram[..., :h, h:].transpose(-1, -2)
+
+
+def _spectrum(base: torch.Tensor, instruct: torch.Tensor):
+    """(s, V, delta): see right_spectrum; delta is the float64 delta when it fitted in
+    one chunk (the rebuild then reuses it instead of converting the inputs again)."""
+    n = base.shape[-1]
+    gram = torch.zeros(base.shape[:-2] + (n, n), dtype=torch.float64, device=base.device)
+    chunks = _row_chunks(base.shape)
+    cached = None
+    for rows in chunks:
+        d = _delta64(base, instruct, rows)
+        _add_gram(gram, d)
+        cached = d if len(chunks) == 1 else None
+        del d
+    _fill_gram(gram)
+    # NaN/Inf anywhere in the inputs reaches the Gram: one cheap check on n x n.
+    if not bool(torch.isfinite(gram).all()):
+        raise NonFiniteDelta("the delta holds NaN or Inf")
+    evals, evecs = _eigh(gram)
+    del gram
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    floor = evals[..., :1].clamp_min(0) * (n * torch.finfo(torch.float64).eps)
+    evals = torch.where(evals > floor, evals, torch.zeros_like(evals))
+    return evals.sqrt(), evecs, cached
+
+
 def right_spectrum(
     base: torch.Tensor, instruct: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -106,18 +162,8 @@ def right_spectrum(
     Eigenvalues under the Gram's rounding floor (n * eps * largest) are set to zero:
     they are noise of size sqrt(eps) * S_1, not spectrum.
     """
-    n = base.shape[-1]
-    gram = torch.zeros(base.shape[:-2] + (n, n), dtype=torch.float64, device=base.device)
-    for rows in _row_chunks(base.shape):
-        d = _delta64(base, instruct, rows)
-        gram.add_(d.transpose(-1, -2) @ d)
-        del d
-    evals, evecs = _eigh(gram)
-    del gram
-    evals, evecs = evals.flip(-1), evecs.flip(-1)
-    floor = evals[..., :1].clamp_min(0) * (n * torch.finfo(torch.float64).eps)
-    evals = torch.where(evals > floor, evals, torch.zeros_like(evals))
-    return evals.sqrt(), evecs
+    s, v, _ = _spectrum(base, instruct)
+    return s, v
 
 
 # CUDA devices whose float64 throughput is a full half of float32 (data-centre parts:
@@ -195,10 +241,10 @@ def refine_stack(
     lams = [float(lam)] if isinstance(lam, (int, float)) else [float(x) for x in lam]
     out_dtype = out_dtype or instruct.dtype
     b_tall, i_tall = _as_tall(base), _as_tall(instruct)
-    s, v = right_spectrum(b_tall, i_tall)
+    s, v, cached = _spectrum(b_tall, i_tall)
     k = head_size(s, rule)
     outs = [torch.empty(instruct.shape, dtype=out_dtype, device=instruct.device) for _ in lams]
-    rebuild_into(b_tall, i_tall, v, k, lams, [_as_tall(o) for o in outs])
+    rebuild_into(b_tall, i_tall, v, k, lams, [_as_tall(o) for o in outs], delta=cached)
     return Refined(tensors=tuple(outs), singular_values=s, k=k)
 
 
@@ -209,8 +255,12 @@ def rebuild_into(
     k: torch.Tensor,
     lams: Sequence[float],
     outs: Sequence[torch.Tensor],
+    delta: Optional[torch.Tensor] = None,
 ) -> None:
-    """Write W_out into each of `outs`, chunk by chunk, via the smaller of head/tail."""
+    """Write W_out into each of `outs`, chunk by chunk, via the smaller of head/tail.
+
+    `delta`, if given, is the whole float64 delta (one chunk), reused as is.
+    """
     n = v.shape[-1]
     use_tail = int((n - k).sum()) <= int(k.sum())
     index = torch.arange(n, device=v.device)
@@ -227,7 +277,7 @@ def rebuild_into(
     # Rows of cols_t are masked so that each matrix of the stack uses its own K.
     cols_t = (cols * keep.unsqueeze(-2)).transpose(-1, -2)
     for rows in _row_chunks(base.shape):
-        d = _delta64(base, instruct, rows)
+        d = delta if delta is not None else _delta64(base, instruct, rows)
         update = (d @ cols) @ cols_t
         start = (instruct if use_tail else base)[..., rows, :].to(torch.float64)
         for lam, out in zip(lams, outs):

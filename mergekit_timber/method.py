@@ -28,7 +28,7 @@ from mergekit.merge_methods.base import (
 
 from mergekit_timber import DISTRIBUTION, PAPER_URL
 from mergekit_timber.errors import TimberConfigError, TimberInputError
-from mergekit_timber.kernel import ERANK, HeadRule, refine_stack
+from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
 LOG = logging.getLogger(__name__)
 DEFAULT_LAMBDA = 0.2  # the authors' recommended default (SPEC)
@@ -252,17 +252,27 @@ class TimberMerge(GroupMergeMethod):
         keep = (instruct,) * len(lams)
         if not instruct.is_floating_point():
             return keep
-        check_finite(name, "base", base)
-        check_finite(name, "instruct", instruct)
         rule = head_rule(_single(parameters["rank_ratio"]), _single(parameters["energy"]), name)
-        if instruct.ndim < 2:
-            return keep  # norms and biases: the instruct model's, as the authors do
-        if vocab and not _single(parameters["refine_embeddings"]):
+        decomposed = (
+            instruct.ndim >= 2  # norms and biases: the instruct model's, as the authors do
+            and not (vocab and not _single(parameters["refine_embeddings"]))
+            and not all(x == 1 for x in lams)
+        )
+        if not decomposed:
+            check_finite(name, "base", base)
+            check_finite(name, "instruct", instruct)
             return keep
         if torch.equal(base, instruct):
+            check_finite(name, "instruct", instruct)
             LOG.warning("%s: base and instruct are identical; kept the instruct tensor", name)
             return keep
-        return refine_tensor(name, base, instruct, lams, rule)
+        try:
+            return refine_tensor(name, base, instruct, lams, rule)
+        except NonFiniteDelta:
+            # The kernel saw it in the Gram (cheap); now find which input holds it.
+            check_finite(name, "base", base)
+            check_finite(name, "instruct", instruct)
+            raise TimberInputError(f"{name}: the delta holds NaN/Inf") from None
 
 
 # Set last: the import hook defers registration while this module is half-imported

@@ -161,3 +161,22 @@ def test_meta_device_allocations_follow_the_input():
 
     b = torch.empty(10, 4, device="meta", dtype=torch.bfloat16)
     assert _delta64(b, b, _row_chunks(b[None].shape)[0]).device.type == "meta"
+
+
+def test_non_finite_input_is_detected_through_the_gram():
+    from mergekit_timber.kernel import NonFiniteDelta
+
+    base, instruct = _case("gauss", 300, 260)  # wide enough for the three-block Gram
+    instruct[7, 3] = float("inf")
+    with pytest.raises(NonFiniteDelta):
+        refine_matrix(base, instruct, 0.2)
+
+
+def test_symmetric_gram_matches_plain_gram():
+    from mergekit_timber.kernel import _add_gram, _fill_gram
+
+    d = torch.randn(2, 50, 300, dtype=torch.float64)
+    gram = torch.zeros(2, 300, 300, dtype=torch.float64)
+    _add_gram(gram, d)
+    _fill_gram(gram)
+    assert torch.allclose(gram, d.transpose(-1, -2) @ d, rtol=1e-12, atol=1e-12)
