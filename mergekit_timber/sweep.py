@@ -25,6 +25,8 @@ from mergekit_timber.errors import TimberConfigError
 
 _active: Optional["SweepSession"] = None
 
+SIDE_SHARD_BYTES = 1_000_000_000
+
 # Files of the first output that are per-lambda (written anew) or weights.
 _PER_OUTPUT = ("README.md", "mergekit_config.yml")
 
@@ -55,7 +57,7 @@ class SweepSession:
             for index, (writer, tensor) in enumerate(zip(self.writers, tensors)):
                 if self.out_dtype is not None:
                     tensor = tensor.to(self.out_dtype)
-                writer.save_tensor(name=name, tensor=tensor, clone=True)
+                writer.save_tensor(name=name, tensor=tensor, clone=False)  # fresh outputs
                 self.saved[index].add(name)
 
 
@@ -123,10 +125,13 @@ def run_sweep(config_path: Path, out_root: Path, lambdas: Sequence[float], optio
     texts = [yaml.safe_dump(config_for(source, lam), sort_keys=False) for lam in lambdas]
     configs = [MergeConfiguration.model_validate(yaml.safe_load(t)) for t in texts]
 
+    # Each extra writer buffers up to one shard in memory: cap it, or mergekit's 5 GB
+    # default would hold every extra output of a mid-sized model in RAM at once.
+    side_shard = min(options.out_shard_size, SIDE_SHARD_BYTES) if options.out_shard_size > 0 else SIDE_SHARD_BYTES
     writers = [
         TensorWriter(
             str(out),
-            max_shard_size=options.out_shard_size,
+            max_shard_size=side_shard,
             safe_serialization=options.safe_serialization,
         )
         for out in outs[1:]
