@@ -281,11 +281,12 @@ def rebuild_into(
         update = (d @ cols) @ cols_t
         start = (instruct if use_tail else base)[..., rows, :].to(torch.float64)
         for lam, out in zip(lams, outs):
+            # Fused adds and a converting copy: one pass each (this runs once per lambda).
             if use_tail:
-                result = start - (1.0 - lam) * update
+                result = torch.add(start, update, alpha=-(1.0 - lam))
             else:
-                result = start + lam * d + (1.0 - lam) * update
-            out[..., rows, :] = result.to(out.dtype)
+                result = torch.add(start, d, alpha=lam).add_(update, alpha=1.0 - lam)
+            out[..., rows, :].copy_(result)
             del result
         del d, update, start
 
