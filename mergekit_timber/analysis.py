@@ -62,7 +62,7 @@ from mergekit_timber.kernel import (
     right_spectrum,
     singular_values,
 )
-from mergekit_timber.method import check_finite, is_expert_stack, is_fused_gate_up
+from mergekit_timber.method import as_matrix_stack, check_finite, is_expert_stack, is_fused_gate_up
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -287,24 +287,19 @@ class Stack:
 def split_matrices(name: str, base: torch.Tensor, instruct: torch.Tensor) -> Stack:
     """The matrices Timber decomposes in one tensor, as method.refine_tensor splits them."""
     layer, module, expert = parse_name(name)
+    stacks = as_matrix_stack(name, base), as_matrix_stack(name, instruct)
     if is_fused_gate_up(name, instruct):
-        if instruct.shape[1] % 2:
-            raise TimberInputError(f"{name}: fused gate_up_proj has an odd dimension 1 ({instruct.shape[1]})")
-        experts, width = instruct.shape[0], instruct.shape[1] // 2
-
-        def unfuse(t: torch.Tensor) -> torch.Tensor:  # [E, 2I, H] -> [2E]: gates, then ups
-            return t.reshape(experts, 2, width, -1).transpose(0, 1).reshape(2 * experts, width, -1)
-
+        experts = instruct.shape[0]
         labels = [
             (layer, module.replace("gate_up_proj", proj), e)
-            for proj in ("gate_proj", "up_proj")
+            for proj in ("gate_proj", "up_proj")  # as_matrix_stack's order: gates, then ups
             for e in range(experts)
         ]
-        return Stack(unfuse(base), unfuse(instruct), labels)
-    if is_expert_stack(name, instruct):
-        return Stack(base, instruct, [(layer, module, e) for e in range(instruct.shape[0])])
-    shape = (1, instruct.shape[0], -1)
-    return Stack(base.reshape(shape), instruct.reshape(shape), [(layer, module, expert)])
+    elif is_expert_stack(name, instruct):
+        labels = [(layer, module, e) for e in range(instruct.shape[0])]
+    else:
+        labels = [(layer, module, expert)]
+    return Stack(*stacks, labels)
 
 
 def _nan_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

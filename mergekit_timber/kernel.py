@@ -89,8 +89,10 @@ def _row_chunks(shape: torch.Size) -> list:
     return [slice(start, min(m, start + step)) for start in range(0, m, step)]
 
 
-def _delta64(base: torch.Tensor, instruct: torch.Tensor, rows: slice) -> torch.Tensor:
-    return instruct[..., rows, :].to(torch.float64) - base[..., rows, :].to(torch.float64)
+def _delta64(base: Optional[torch.Tensor], instruct: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows of W_I - W_B in float64; with no base, rows of W_I itself (its own spectrum)."""
+    rows64 = instruct[..., rows, :].to(torch.float64)
+    return rows64 if base is None else rows64 - base[..., rows, :].to(torch.float64)
 
 
 def _as_tall(t: torch.Tensor) -> torch.Tensor:
@@ -129,12 +131,12 @@ def _fill_gram(gram: torch.Tensor) -> None:
         gram[..., h:, :h] = gram[..., :h, h:].transpose(-1, -2)
 
 
-def _spectrum(base: torch.Tensor, instruct: torch.Tensor):
-    """(s, V, delta): see right_spectrum; delta is the float64 delta when it fitted in
-    one chunk (the rebuild then reuses it instead of converting the inputs again)."""
-    n = base.shape[-1]
-    gram = torch.zeros(base.shape[:-2] + (n, n), dtype=torch.float64, device=base.device)
-    chunks = _row_chunks(base.shape)
+def _gram(base: Optional[torch.Tensor], instruct: torch.Tensor):
+    """(D^T D in float64, delta): delta is the float64 delta when it fitted in one chunk
+    (the rebuild then reuses it instead of converting the inputs again)."""
+    n = instruct.shape[-1]
+    gram = torch.zeros(instruct.shape[:-2] + (n, n), dtype=torch.float64, device=instruct.device)
+    chunks = _row_chunks(instruct.shape)
     cached = None
     for rows in chunks:
         d = _delta64(base, instruct, rows)
@@ -144,13 +146,24 @@ def _spectrum(base: torch.Tensor, instruct: torch.Tensor):
     _fill_gram(gram)
     # NaN/Inf anywhere in the inputs reaches the Gram: one cheap check on n x n.
     if not bool(torch.isfinite(gram).all()):
-        raise NonFiniteDelta("the delta holds NaN or Inf")
+        raise NonFiniteDelta("the input holds NaN or Inf")
+    return gram, cached
+
+
+def _singular_from_eigenvalues(evals_desc: torch.Tensor) -> torch.Tensor:
+    """sqrt of the Gram's eigenvalues, those under its rounding floor (n * eps * largest)
+    set to zero: they are noise of size sqrt(eps) * S_1, not spectrum."""
+    n = evals_desc.shape[-1]
+    floor = evals_desc[..., :1].clamp_min(0) * (n * torch.finfo(torch.float64).eps)
+    return torch.where(evals_desc > floor, evals_desc, torch.zeros_like(evals_desc)).sqrt()
+
+
+def _spectrum(base: torch.Tensor, instruct: torch.Tensor):
+    """(s, V, delta): see right_spectrum and _gram."""
+    gram, cached = _gram(base, instruct)
     evals, evecs = _eigh(gram)
     del gram
-    evals, evecs = evals.flip(-1), evecs.flip(-1)
-    floor = evals[..., :1].clamp_min(0) * (n * torch.finfo(torch.float64).eps)
-    evals = torch.where(evals > floor, evals, torch.zeros_like(evals))
-    return evals.sqrt(), evecs, cached
+    return _singular_from_eigenvalues(evals.flip(-1)), evecs.flip(-1), cached
 
 
 def right_spectrum(
@@ -158,9 +171,8 @@ def right_spectrum(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Singular values (descending) and right singular vectors of a tall delta.
 
-    Returns (s [..., n], V [..., n, n]) with V's columns in the order of s.
-    Eigenvalues under the Gram's rounding floor (n * eps * largest) are set to zero:
-    they are noise of size sqrt(eps) * S_1, not spectrum.
+    Returns (s [..., n], V [..., n, n]) with V's columns in the order of s; singular
+    values under the Gram's rounding floor are zero (see _singular_from_eigenvalues).
     """
     s, v, _ = _spectrum(base, instruct)
     return s, v
@@ -192,19 +204,23 @@ def eigh_device(device: torch.device) -> torch.device:
     return device
 
 
-def _eigh(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _eigh(gram: torch.Tensor, vectors: bool = True):
+    """torch.linalg.eigh (or eigvalsh) of the Gram, run where eigh_device says."""
+    op = torch.linalg.eigh if vectors else torch.linalg.eigvalsh
     where = eigh_device(gram.device)
     if where == gram.device:
-        return torch.linalg.eigh(gram)
-    evals, evecs = torch.linalg.eigh(gram.to(where))
-    return evals.to(gram.device), evecs.to(gram.device)
+        return op(gram)
+    result = op(gram.to(where))
+    return tuple(t.to(gram.device) for t in result) if vectors else result.to(gram.device)
 
 
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    """Singular values (descending, float64) of [..., m, n] via the smaller Gram."""
-    tall = _as_tall(matrix)
-    zero = torch.zeros((), dtype=tall.dtype, device=tall.device).expand_as(tall)
-    return right_spectrum(zero, tall)[0]
+    """Singular values (descending, float64) of [..., m, n] via the smaller Gram.
+
+    Eigenvalues only: no eigenvectors are computed for a spectrum alone.
+    """
+    gram, _ = _gram(None, _as_tall(matrix))
+    return _singular_from_eigenvalues(_eigh(gram, vectors=False).flip(-1))
 
 
 @dataclass(frozen=True)

@@ -157,29 +157,37 @@ def refine_tensor(
     return outs if many else outs[0]
 
 
-def _refine(name, base, instruct, lams, rule) -> Tuple[torch.Tensor, ...]:
-    if is_fused_gate_up(name, instruct):
-        if instruct.shape[1] % 2:
+def as_matrix_stack(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The [B, m, n] matrices Timber decomposes one by one in a checkpoint tensor.
+
+    Stacked experts: one per expert; fused gate_up_proj [E, 2I, H]: one per expert and
+    per projection (all gates, then all ups); anything else: one matrix [out, -1], as
+    the authors' script reshapes tensors of more than 2 dimensions.
+    """
+    if is_fused_gate_up(name, tensor):
+        if tensor.shape[1] % 2:
             raise TimberInputError(
-                f"{name}: fused gate_up_proj has an odd dimension 1 ({instruct.shape[1]})"
+                f"{name}: fused gate_up_proj has an odd dimension 1 ({tensor.shape[1]})"
             )
-        # One decomposition per expert and per projection: gate and up stacked as 2E matrices.
-        experts, width = instruct.shape[0], instruct.shape[1] // 2
+        experts, width = tensor.shape[0], tensor.shape[1] // 2
+        return tensor.reshape(experts, 2, width, -1).transpose(0, 1).reshape(2 * experts, width, -1)
+    if is_expert_stack(name, tensor):
+        return tensor
+    return tensor.reshape(1, tensor.shape[0], -1)
 
-        def unfuse(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(experts, 2, width, -1).transpose(0, 1).reshape(2 * experts, width, -1)
 
-        def refuse(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(2, experts, width, -1).transpose(0, 1).reshape(instruct.shape)
+def from_matrix_stack(name: str, stack: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of as_matrix_stack: the stack back in the checkpoint layout of `like`."""
+    if is_fused_gate_up(name, like):
+        experts, width = like.shape[0], like.shape[1] // 2
+        return stack.reshape(2, experts, width, -1).transpose(0, 1).reshape(like.shape)
+    return stack.reshape(like.shape)
 
-        outs = refine_stack(unfuse(base), unfuse(instruct), lams, rule).tensors
-        return tuple(refuse(o) for o in outs)
-    if is_expert_stack(name, instruct):
-        return refine_stack(base, instruct, lams, rule).tensors
-    # The authors' script: a tensor of more than 2 dimensions is reshaped to [out, -1].
-    stack = (1, instruct.shape[0], -1)
-    outs = refine_stack(base.reshape(stack), instruct.reshape(stack), lams, rule).tensors
-    return tuple(o.reshape(instruct.shape) for o in outs)
+
+def _refine(name, base, instruct, lams, rule) -> Tuple[torch.Tensor, ...]:
+    stacks = as_matrix_stack(name, base), as_matrix_stack(name, instruct)
+    outs = refine_stack(*stacks, lams, rule).tensors
+    return tuple(from_matrix_stack(name, out, instruct) for out in outs)
 
 
 def check_finite(name: str, which: str, tensor: torch.Tensor) -> None:

@@ -111,7 +111,7 @@ def read_tallies(
         raise PasskError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     tallies: list[Tally] = []
     for path in map(Path, paths):
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
         if not rows:
             raise PasskError(f"{path}: no records")
         kind = fmt
@@ -124,7 +124,8 @@ def read_tallies(
     return tallies
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; one-line PasskError otherwise."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -12,7 +12,6 @@ card and a `mergekit_config.yml` that reproduces it alone with `mergekit-yaml`.
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -189,4 +188,3 @@ def _copy_non_weight_files(src: Path, dst: Path) -> None:
             shutil.copytree(item, target, dirs_exist_ok=True)
         else:
             shutil.copy2(item, target)
-    os.makedirs(dst, exist_ok=True)

@@ -45,6 +45,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from naive_timber import erank_k  # the baseline's K = ceil(eRank), shared (scripts/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 NAIVE = REPO / "scripts" / "naive_timber.py"
 LAMBDA = 0.2
@@ -146,16 +148,6 @@ def open_pair_tensor(model_dir: Path, name: str) -> torch.Tensor:
 
 
 # =========================================================================== kernel routes
-
-
-def erank_k(s: torch.Tensor) -> int:
-    s = s.double()
-    total = float(s.sum())
-    if total <= 0:
-        return 0
-    p = s / total
-    p = p[p > 0]
-    return math.ceil(math.exp(-float((p * torch.log(p)).sum())))
 
 
 def _tall(t):

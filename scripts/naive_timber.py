@@ -46,6 +46,7 @@ def load_state_dict(model_dir: Path) -> dict:
 
 
 def erank_k(s: torch.Tensor) -> int:
+    s = s.double()
     total = float(s.sum())
     if total <= 0:
         return 0

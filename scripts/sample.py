@@ -28,6 +28,7 @@ try:
 except ImportError:  # run from a source tree that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from mergekit_timber.answer_check import CHECKERS
+from mergekit_timber.passk import PasskError, read_jsonl
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,19 +59,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_problems(path: Path) -> list[dict]:
-    problems = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise SystemExit(f"error: {path}: cannot read ({exc.strerror or exc})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"error: {path} line {lineno}: invalid JSON ({exc.msg})") from None
-        missing = [k for k in ("id", "prompt", "answer") if not isinstance(obj, dict) or k not in obj]
+        rows = read_jsonl(path)
+    except PasskError as error:
+        raise SystemExit(f"error: {error}") from None
+    problems = []
+    for lineno, obj in rows:
+        missing = [k for k in ("id", "prompt", "answer") if k not in obj]
         if missing:
             raise SystemExit(f"error: {path} line {lineno}: missing key {', '.join(map(repr, missing))}")
         problems.append({"id": obj["id"], "prompt": str(obj["prompt"]), "answer": str(obj["answer"])})
