@@ -26,7 +26,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_timber import DISTRIBUTION, PAPER_URL
+from mergekit_timber import DISTRIBUTION, PAPER_URL, input_pages
 from mergekit_timber.errors import TimberConfigError, TimberInputError
 from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
@@ -186,7 +186,7 @@ def from_matrix_stack(name: str, stack: torch.Tensor, like: torch.Tensor) -> tor
 
 def _refine(name, base, instruct, lams, rule) -> Tuple[torch.Tensor, ...]:
     stacks = as_matrix_stack(name, base), as_matrix_stack(name, instruct)
-    outs = refine_stack(*stacks, lams, rule).tensors
+    outs = refine_stack(*stacks, lams, rule, read_hook=input_pages.release).tensors
     return tuple(from_matrix_stack(name, out, instruct) for out in outs)
 
 
@@ -251,7 +251,11 @@ class TimberMerge(GroupMergeMethod):
         lam = 0.0 if self.tail_removed else float(_single(parameters["lambda"]))
         lams = [lam] + (list(sweep.other_lambdas) if sweep else [])
         vocab = group.metadata.vocabulary_axis is not None
-        outs = self._merge(name, base, instruct, lams, vocab, parameters)
+        try:
+            outs = self._merge(name, base, instruct, lams, vocab, parameters)
+        finally:
+            # Read once: their pages need not stay resident for the rest of the merge.
+            input_pages.release(base, instruct)
         if sweep:
             sweep.save(name, outs[1:])
         return outs[0]
