@@ -254,12 +254,54 @@ def route_evr_subset(b, i, lam):
     return (out.T if b.shape[0] < b.shape[1] else out), k
 
 
+def refine_eigenvectors(a: torch.Tensor, x: torch.Tensor, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ogita-Aishima refinement (2018) of approximate eigenvectors x of symmetric a, float64.
+
+    Each step costs four n^3 GEMMs; it converges quadratically while x is accurate to
+    better than the relative gaps, and treats eigenvalues closer than its own error
+    bound as a cluster (only orthogonalising within it). Returns (eigenvalues, vectors),
+    ascending like torch.linalg.eigh.
+    """
+    n = a.shape[0]
+    eye = torch.eye(n, dtype=torch.float64)
+    for _ in range(steps):
+        r = eye - x.T @ x
+        s = x.T @ (a @ x)
+        lam = torch.diagonal(s) / (1 - torch.diagonal(r))
+        # The paper's bound with cheap norms: Frobenius for the 2-norms of the residuals
+        # (an upper bound), the largest |eigenvalue| for ||a||_2.
+        delta = 2 * (torch.linalg.norm(s - torch.diag(lam)) + lam.abs().max() * torch.linalg.norm(r))
+        gaps = lam[None, :] - lam[:, None]
+        far = gaps.abs() > delta
+        e = torch.where(far, (s + lam[None, :] * r) / torch.where(far, gaps, torch.ones_like(gaps)), r / 2)
+        x = x + x @ e
+    return (torch.diagonal(x.T @ (a @ x)), x)
+
+
+def route_mixed(b, i, lam, steps=2):
+    """float64 Gram, float32 eigh, then `steps` float64 refinement steps of the vectors."""
+    bt, it = _tall(b), _tall(i)
+    d = it.double() - bt.double()
+    g = d.T @ d
+    _, vec32 = torch.linalg.eigh(g.float())
+    ev, vec = refine_eigenvectors(g, vec32.double(), steps)
+    order = torch.argsort(ev, descending=True)
+    ev, vec = ev[order], vec[:, order]
+    n = g.shape[0]
+    floor = ev[0].clamp_min(0) * n * torch.finfo(torch.float64).eps
+    s = torch.where(ev > floor, ev, torch.zeros_like(ev)).sqrt()
+    k = erank_k(s)
+    out = _project(bt.double(), it.double(), d, vec, k, lam)
+    return (out.T if b.shape[0] < b.shape[1] else out), k
+
+
 ROUTES: Dict[str, Tuple[str, Callable]] = {
     "svd64": ("float64 full SVD (oracle; the authors' decomposition)", route_svd64),
     "kernel": ("current kernel: float64 Gram (GEMM) + torch.linalg.eigh", route_kernel),
     "fast": ("fast_route.refine_stack_fast: float64 Gram + dsytrd/dstevd + partial back-transform", route_fast),
     "evr": ("float64 Gram + eigvalsh for K + scipy eigh(subset, driver=evr)", route_evr_subset),
     "qr+svd": ("float64 QR of D, then SVD of R", route_qr_svd),
+    "mixed": ("float64 Gram + float32 eigh + 2 float64 Ogita-Aishima refinement steps", route_mixed),
     "svd32": ("float32 full SVD", route_svd32),
     "gram32": ("float32 Gram + float32 eigh (+ float32 projection)", route_gram32),
 }
@@ -572,6 +614,127 @@ def run_micro(args, small_pair) -> List[str]:
     return out
 
 
+# =========================================================================== floor
+
+
+FLOOR_CODE = r"""
+import json, sys, time, torch
+from safetensors import safe_open
+from mergekit_timber import kernel
+from mergekit_timber.method import as_matrix_stack
+base_dir, inst_dir, names = {base!r}, {inst!r}, {names!r}
+def get(model_dir, name):
+    import os
+    index = os.path.join(model_dir, 'model.safetensors.index.json')
+    fname = json.load(open(index))['weight_map'][name] if os.path.exists(index) else 'model.safetensors'
+    with safe_open(os.path.join(model_dir, fname), 'pt') as f:
+        return f.get_tensor(name).clone()
+def best(fn, reps):
+    times, out = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter(); out = fn(); times.append(time.perf_counter() - t0)
+    return min(times), out
+rows = []
+for name, reps in names:
+    b, i = get(base_dir, name), get(inst_dir, name)
+    sb, si = as_matrix_stack(name, b), as_matrix_stack(name, i)
+    tb, ti = kernel._as_tall(sb), kernel._as_tall(si)
+    t_kernel, _ = best(lambda: kernel.refine_stack(sb, si, {lam}), reps)
+    t_gram, (gram, cached) = best(lambda: kernel._gram(tb, ti), reps)
+    t_eigh, (evals, vecs) = best(lambda: torch.linalg.eigh(gram), reps)
+    k = int(kernel.head_size(kernel._singular_from_eigenvalues(evals.flip(-1)))[0])
+    n = gram.shape[-1]
+    vecs = vecs.flip(-1)
+    cols = vecs[..., k:] if n - k <= k else vecs[..., :k]
+    cols_t = cols.transpose(-1, -2)
+    def rebuild():
+        for rows_ in kernel._row_chunks(tb.shape):
+            d = cached if cached is not None else kernel._delta64(tb, ti, rows_)
+            (d @ cols) @ cols_t
+    t_rebuild, _ = best(rebuild, reps)
+    rows.append(dict(name=name, shape=list(b.shape), k=k, width=cols.shape[-1], kernel=t_kernel,
+                     gram=t_gram, eigh=t_eigh, rebuild=t_rebuild))
+    print(name, rows[-1], file=sys.stderr, flush=True)
+print(json.dumps(rows))
+"""
+
+LAYER_MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+
+
+def measure_floor(args, pair: Tuple[Path, Path]) -> Optional[List[dict]]:
+    """Per-tensor kernel time and its irreducible parts, for layer 0 and the embedding.
+
+    In a separate process, inputs copied into memory first (no page faults timed):
+    `kernel` = kernel.refine_stack as the merge calls it; `gram` = the float64 delta and
+    its Gram (panel GEMMs); `eigh` = torch.linalg.eigh of the Gram; `rebuild` = the two
+    GEMMs D V_w V_w^T of the smaller of head and tail (width w). gram + eigh + rebuild
+    is the floor of this route: what remains of the kernel is adds, casts and copies.
+    """
+    names = [(f"model.layers.0.{m}.weight", args.repeats) for m in LAYER_MATRICES]
+    names.append(("model.embed_tokens.weight", 1))
+    code = FLOOR_CODE.format(base=str(pair[0]), inst=str(pair[1]), names=names, lam=LAMBDA)
+    log("[floor] kernel pieces per tensor (layer 0 and the embedding) in a separate process ...")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        log(proc.stderr[-3000:])
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def floor_lines(floor: List[dict], layers: int, res: Dict[str, dict], naive_layers: Optional[int]) -> List[str]:
+    """The floor table and what it implies for the issue's speed targets."""
+    def total(field: str, n_layers: int) -> float:
+        return sum(r[field] * (1 if ".layers." not in r["name"] else n_layers) for r in floor)
+
+    lines = [
+        "### How low can an exact merge go here? (the floor of the route, measured in this run)",
+        "",
+        "Per tensor, best of the repeats, inputs already in memory: `kernel` = kernel.refine_stack as the merge "
+        "calls it; `Gram` = float64 delta and D^T D (panel GEMMs); `eigh` = torch.linalg.eigh (MKL syevd) of the "
+        "Gram; `rebuild` = the two float64 GEMMs D V_w V_w^T (w = the smaller of head and tail). "
+        "Gram + eigh + rebuild is the floor: the float64 work exactness needs on this route (the kernel table "
+        "above shows every other exact route slower).",
+        "",
+        "| tensor | shape | K | w | kernel s | Gram s | eigh s | rebuild s | floor s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in floor:
+        fl = r["gram"] + r["eigh"] + r["rebuild"]
+        lines.append(
+            f"| {r['name']} | {'x'.join(map(str, r['shape']))} | {r['k']} | {r['width']} | {r['kernel']:.3f} | "
+            f"{r['gram']:.3f} | {r['eigh']:.3f} | {r['rebuild']:.3f} | {fl:.3f} |"
+        )
+    out_rows = []
+    for L in sorted({layers} | ({naive_layers} if naive_layers else set())):
+        kern = total("kernel", L)
+        fl = total("gram", L) + total("eigh", L) + total("rebuild", L)
+        alone = (res.get(f"passthrough L{L}") or {}).get("wall")
+        timber = (res.get(f"timber L{L}") or {}).get("wall")
+        naive = (res.get(f"naive L{L}") or {}).get("wall")
+        best = None if alone is None else alone + fl
+        cells = [
+            f"{L}", f"{total('eigh', L):.1f}", f"{total('gram', L) + total('rebuild', L):.1f}", f"{fl:.1f}",
+            f"{kern:.1f}", "n/a" if alone is None else f"{alone:.1f}", "n/a" if best is None else f"{best:.1f}",
+            "n/a" if timber is None else f"{timber:.1f}",
+            "n/a" if naive is None or best is None else f"{naive / best:.2f}x",
+        ]  # fmt: skip
+        out_rows.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Whole model (layer 0 times the layers, plus the embedding): `mergekit alone` = the wall time of "
+        "`mergekit-yaml` on a passthrough of the instruct model (imports, reading, writing; no decomposition), "
+        "measured above; `best possible` = mergekit alone + the floor; `naive / best possible` is the largest "
+        "speed-up over the naive baseline this route can show on this machine.",
+        "",
+        "| layers | eigh s | Gram + rebuild GEMMs s | floor s | kernel s | mergekit alone s | best possible s | "
+        "timber measured s | naive / best possible |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *out_rows,
+    ]
+    return lines
+
+
 # =========================================================================== end to end
 
 
@@ -803,6 +966,14 @@ def run_e2e(args, workdir: Path) -> List[str]:
         res[key]["layers"] = L
         res[key]["stats"] = stats
 
+    def passthrough(L):
+        # mergekit's own cost on this pair (imports, reading, writing): no decomposition.
+        key = f"passthrough L{L}"
+        cfg = workdir / f"passthrough-L{L}.yml"
+        cfg.write_text(f"merge_method: passthrough\nmodels:\n  - model: {pairs[L][1]}\n")
+        res[key] = best_of(key, mergekit_cmd(args, cfg, outdir / key.replace(" ", "_")))
+        res[key]["layers"] = L
+
     def sweep(L):
         # Issue 4's target: 4 lambdas from one pass cost at most 1.3x one merge.
         key = f"sweep-4 L{L}"
@@ -815,6 +986,8 @@ def run_e2e(args, workdir: Path) -> List[str]:
     timber(N)
     if N != S:
         timber(S)
+    for L in pairs:
+        passthrough(L)
     if not args.no_sweep:
         sweep(N)
     naive_layers = None
@@ -864,6 +1037,7 @@ def run_e2e(args, workdir: Path) -> List[str]:
         )
     if not args.keep_outputs:
         shutil.rmtree(outdir, ignore_errors=True)
+    floor = None if args.no_floor else measure_floor(args, pairs[S])
 
     # ---- tables
     def mb(kb):
@@ -930,6 +1104,8 @@ def run_e2e(args, workdir: Path) -> List[str]:
     if not args.no_preview:
         ratio_row(f"timber wall / timber-fast wall ({N} layers)", g(f"timber L{N}", "wall"),
                   g(f"timber-fast L{N}", "wall"), "(speed-up of the route)", lambda v: v > 1)  # fmt: skip
+    if floor:
+        lines += ["", *floor_lines(floor, N, res, naive_layers)]
     if agree_lines:
         lines += ["", "### Do the outputs agree?", "",
                   "| outputs | tensors compared | fraction of differing elements | worst tensor | max abs diff |",
@@ -1039,6 +1215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-preview", action="store_true", help="skip the timber-fast (routes) end-to-end preview runs")
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile of a small merge")
     ap.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
+    ap.add_argument("--no-floor", action="store_true", help="skip the floor (kernel pieces per tensor) table")
     ap.add_argument("--out-shard-size", default="250M",
                     help="--out-shard-size for mergekit (default 250M: mergekit's own 5B default keeps the whole "
                          "output of a small model in memory until the end; 'default' keeps mergekit's)")
