@@ -159,7 +159,8 @@ def _gram(base: Optional[torch.Tensor], instruct: torch.Tensor, read_hook: ReadH
     cached = None
     for rows in chunks:
         d = _delta64(base, instruct, rows)
-        _read_done(read_hook, rows, base, instruct)
+        if len(chunks) > 1:  # a single chunk is read again at once by the rebuild, and reported then
+            _read_done(read_hook, rows, base, instruct)
         _add_gram(gram, d)
         cached = d if len(chunks) == 1 else None
         del d

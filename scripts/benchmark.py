@@ -540,6 +540,10 @@ w = n // 2
 T(f"Gram {{m}}x{{n}}: torch d.T @ d (float64 GEMM, 2 threads)", lambda: d.T @ d)
 T(f"Gram {{m}}x{{n}}: torch d.T.contiguous() @ d", lambda: d.T.contiguous() @ d)
 T(f"Gram {{m}}x{{n}}: torch 2-block symmetric (3/4 of the flops)", gram_blocks)
+from mergekit_timber import kernel as K
+def gram_panels():
+    g = torch.zeros(1, n, n, dtype=torch.float64); K._add_gram(g, d[None]); K._fill_gram(g); return g
+T(f"Gram {{m}}x{{n}}: the kernel's row panels ((p+1)/2p of the flops, p={{len(K._panel_bounds(n)) - 1}})", gram_panels)
 with routes.openblas_threads(1):
     T(f"Gram {{m}}x{{n}}: scipy dsyrk, OpenBLAS 1 thread (half the flops)", syrk)
 T(f"Gram {{m}}x{{n}}: float32 GEMM (reference; not exact)", lambda: f32.T @ f32)

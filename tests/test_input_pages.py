@@ -70,7 +70,10 @@ def test_kernel_reports_every_row_it_reads_and_the_result_is_unchanged(monkeypat
     g = torch.Generator().manual_seed(0)
     base = torch.randn(2, 300, 40, generator=g, dtype=torch.float64)
     instruct = base + 0.1 * torch.randn(2, 300, 40, generator=g, dtype=torch.float64)
-    plain = refine_stack(base, instruct, 0.3)
+    one_chunk = []
+    plain = refine_stack(base, instruct, 0.3, read_hook=one_chunk.append)
+    # One chunk: the Gram pass's delta is reused, both inputs are reported once, whole.
+    assert [v.shape for v in one_chunk] == [base.shape, instruct.shape]
     monkeypatch.setattr(kernel, "CHUNK_BYTES", 2 * 50 * 40 * 8)  # 50-row chunks
     seen = []
     hooked = refine_stack(base, instruct, 0.3, read_hook=seen.append)
