@@ -20,8 +20,13 @@ WORKDIR/pairs by mergekit_timber.synthetic):
    each job in its own process under /usr/bin/time -v (wall time, peak RSS) with the
    process tree's RSS also polled (anonymous vs file-backed). Prints the ratios and
    the issue's targets beside them; it never asserts them. Checks that the timber and
-   naive outputs agree (fraction of differing bf16 elements). Optionally profiles a
-   --small-layers merge (where the time goes).
+   naive outputs agree (fraction of differing bf16 elements). A passthrough merge of
+   the same pair measures what mergekit itself costs (imports, reading, writing).
+4. The floor: per tensor of layer 0 and the embedding, the kernel's time beside the
+   float64 work exactness needs on this route (delta + Gram, eigh, rebuild GEMMs);
+   with mergekit's own cost, the best wall time this route can reach here and the
+   largest speed-up over the naive baseline it allows.
+5. Optionally a profile of a --small-layers merge (where the time goes).
 
 Timings are wall-clock on whatever else the machine is running: the load average and
 CPU pressure before and after are printed with the machine.
@@ -568,8 +573,8 @@ T(f"eigh n={{n}}: fast route total (dsytrd + dstevd + {{w}}-vector back-transfor
 ed = None
 def emb_gram(use_scipy):
     return routes.gram64(emb_b, emb_i, use_scipy=use_scipy)
-T(f"Gram {{emb_b.shape[0]}}x{{emb_b.shape[1]}} (embedding, 8192-row chunks): torch GEMM", lambda: emb_gram(False), 2)
-T(f"Gram {{emb_b.shape[0]}}x{{emb_b.shape[1]}} (embedding, 8192-row chunks): dsyrk 1 thread", lambda: emb_gram(True), 2)
+T(f"Gram {{emb_b.shape[0]}}x{{emb_b.shape[1]}} (embedding, the kernel's row chunks): torch GEMM", lambda: emb_gram(False), 2)
+T(f"Gram {{emb_b.shape[0]}}x{{emb_b.shape[1]}} (embedding, the kernel's row chunks): dsyrk 1 thread", lambda: emb_gram(True), 2)
 # Last, because OpenBLAS threads keep spinning after a threaded call:
 with routes.openblas_threads(2):
     T(f"Gram {{m}}x{{n}}: scipy dsyrk, OpenBLAS 2 threads", syrk)

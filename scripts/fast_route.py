@@ -1,6 +1,8 @@
 """Candidate kernel route measured by scripts/benchmark.py (not used by the merge).
 
-A faster exact route for the Timber kernel (issue 3): same maths, less work on CPU.
+An exact alternative for the Timber kernel (issue 3): same maths, a different eigen
+step on CPU. Measured end to end it is no faster than the kernel (70.8 s vs 72.1 s for
+28 layers, inside the noise; bit-identical output), so the merge does not use it.
 
 `refine_stack_fast` has the signature and result of `kernel.refine_stack` (a lambda or
 a sequence of lambdas; `Refined` with one tensor per lambda) and is exact to the same
@@ -16,12 +18,10 @@ the costliest step of the current kernel, `torch.linalg.eigh` of the Gram matrix
   applying the Householder reflectors with `torch.ormqr` (LAPACK dormqr, MKL).
 
 SciPy's OpenBLAS is run single-threaded for these calls (see `openblas_threads`).
-The float64 Gram is computed by torch GEMMs on three of its four half-blocks (it is
-symmetric: 3/4 of the flops, any device); the head/tail rebuild is as in the kernel;
-the float64 delta is reused between the two passes when it fits in one chunk. On any other
-device, or without SciPy, the same function takes the torch route (Gram + eigh), so it
-is device-agnostic. It imports nothing from mergekit; from this package only the
-kernel's public types.
+The float64 delta and Gram are the kernel's own; the head/tail rebuild is as in the
+kernel; the float64 delta is reused between the two passes when it fits in one chunk.
+On any other device, or without SciPy, the same function takes the torch route (Gram +
+eigh), so it is device-agnostic. It imports nothing from mergekit.
 """
 
 from __future__ import annotations
