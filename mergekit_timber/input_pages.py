@@ -43,7 +43,6 @@ def enabled() -> bool:
 
 def _madvise():
     if "madvise" not in _STATE:
-        fn = None
         try:
             fn = ctypes.CDLL(None, use_errno=True).madvise
             fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -97,9 +96,7 @@ def _byte_span(t: torch.Tensor) -> Optional[Tuple[int, int]]:
     """[first, last + 1) byte addresses a strided CPU tensor covers, or None."""
     if t.device.type != "cpu" or t.numel() == 0 or t.is_sparse or t.is_quantized:
         return None
-    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-    if any(stride < 0 for stride in t.stride()):
-        return None
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     start = t.data_ptr()
     return start, start + (extent + 1) * t.element_size()
 
@@ -114,11 +111,14 @@ def _page_flags(first_page: int, pages: int) -> Optional[torch.Tensor]:
     return torch.frombuffer(bytearray(raw), dtype=torch.int64)
 
 
+def _bit(flags: torch.Tensor, bit: int) -> torch.Tensor:
+    """Bit `bit` of each pagemap entry: 63 resident, 62 swapped, 61 file page."""
+    return ((flags >> bit) & 1).bool()
+
+
 def _droppable_runs(flags: torch.Tensor) -> List[Tuple[int, int]]:
     """Runs (first index, count) of pages that still hold the file's data."""
-    present = flags < 0  # bit 63
-    swapped = ((flags >> 62) & 1).bool()
-    file_page = ((flags >> 61) & 1).bool()
+    present, swapped, file_page = _bit(flags, 63), _bit(flags, 62), _bit(flags, 61)
     keep = (present & ~file_page) | (~present & swapped)  # private copies, swapped-out copies
     if not bool(keep.any()):
         return [(0, flags.numel())]
@@ -154,7 +154,7 @@ def release(*tensors: Optional[torch.Tensor]) -> int:
             lo, hi = span[0] // page, -(-span[1] // page)  # whole pages around the view
             flags = _page_flags(lo, hi - lo)
             # Ordinary memory (no resident file page): nothing to do, no maps lookup.
-            if flags is None or not bool(((flags < 0) & ((flags >> 61) & 1).bool()).any()):
+            if flags is None or not bool((_bit(flags, 63) & _bit(flags, 61)).any()):
                 continue
             mapping = _mapping_of(*span)
             if mapping is None:

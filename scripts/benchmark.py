@@ -628,16 +628,14 @@ def run_micro(args, small_pair) -> List[str]:
 
 FLOOR_CODE = r"""
 import json, sys, time, torch
-from safetensors import safe_open
+from pathlib import Path
+sys.path.insert(0, {scripts!r})
+from benchmark import open_pair_tensor
 from mergekit_timber import kernel
 from mergekit_timber.method import as_matrix_stack
-base_dir, inst_dir, names = {base!r}, {inst!r}, {names!r}
+base_dir, inst_dir, names = Path({base!r}), Path({inst!r}), {names!r}
 def get(model_dir, name):
-    import os
-    index = os.path.join(model_dir, 'model.safetensors.index.json')
-    fname = json.load(open(index))['weight_map'][name] if os.path.exists(index) else 'model.safetensors'
-    with safe_open(os.path.join(model_dir, fname), 'pt') as f:
-        return f.get_tensor(name).clone()
+    return open_pair_tensor(model_dir, name).clone()  # in memory: no page faults timed
 def best(fn, reps):
     times, out = [], None
     for _ in range(reps):
@@ -682,7 +680,7 @@ def measure_floor(args, pair: Tuple[Path, Path]) -> Optional[List[dict]]:
     """
     names = [(f"model.layers.0.{m}.weight", args.repeats) for m in LAYER_MATRICES]
     names.append(("model.embed_tokens.weight", 1))
-    code = FLOOR_CODE.format(base=str(pair[0]), inst=str(pair[1]), names=names, lam=LAMBDA)
+    code = FLOOR_CODE.format(scripts=str(REPO / "scripts"), base=str(pair[0]), inst=str(pair[1]), names=names, lam=LAMBDA)
     log("[floor] kernel pieces per tensor (layer 0 and the embedding) in a separate process ...")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -93,18 +93,6 @@ def openblas_threads(n: int):
         lib.scipy_openblas_set_num_threads(old)
 
 
-def _as_tall(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(-1, -2) if t.shape[-2] < t.shape[-1] else t
-
-
-def _row_step(m: int, n: int) -> int:
-    return max(1, min(m, kernel.CHUNK_BYTES // (8 * max(1, n))))
-
-
-def _delta64(base: torch.Tensor, instruct: torch.Tensor, rows: slice) -> torch.Tensor:
-    return kernel._delta64(base, instruct, rows)
-
-
 # --------------------------------------------------------------------------- Gram
 
 
@@ -122,17 +110,17 @@ def gram64(base: torch.Tensor, instruct: torch.Tensor, use_scipy: bool = False):
         return gram[0], None if cached is None else cached[0]
     import numpy as np
 
-    m, n = base.shape
-    step = _row_step(m, n)
+    n = base.shape[-1]
+    chunks = kernel._row_chunks(base.shape)
     cached = None
     acc = np.zeros((n, n), dtype=np.float64, order="F")
-    for start in range(0, m, step):
-        d = _delta64(base, instruct, slice(start, min(m, start + step)))
+    for rows in chunks:
+        d = kernel._delta64(base, instruct, rows)
         # d is C-contiguous [r, n]; its numpy transpose is a Fortran [n, r] view,
         # so dsyrk(trans=0) computes d^T d into the upper triangle, no copies.
         with openblas_threads(1):
             acc = _blas.dsyrk(1.0, d.numpy().T, beta=1.0, c=acc, trans=0, lower=0, overwrite_c=1)
-        if step >= m:
+        if len(chunks) == 1:
             cached = d
         del d
     g = torch.from_numpy(acc)  # Fortran order: a transposed-stride tensor
@@ -188,22 +176,14 @@ class _Tridiagonal:
         return out
 
 
-def _floor(evals_desc: torch.Tensor, n: int) -> torch.Tensor:
-    floor = evals_desc[..., :1].clamp_min(0) * (n * torch.finfo(torch.float64).eps)
-    return torch.where(evals_desc > floor, evals_desc, torch.zeros_like(evals_desc))
-
-
 # --------------------------------------------------------------------------- rebuild
 
 
 def _rebuild_one(base, instruct, cached, cols, lams, tail_form, outs):
     """Write W_out for each lambda, chunk by chunk (same expressions as the kernel)."""
-    m, n = base.shape
     cols_t = cols.transpose(0, 1).contiguous()
-    step = _row_step(m, n)
-    for start_row in range(0, m, step):
-        rows = slice(start_row, min(m, start_row + step))
-        d = cached if cached is not None else _delta64(base, instruct, rows)
+    for rows in kernel._row_chunks(base.shape):
+        d = cached if cached is not None else kernel._delta64(base, instruct, rows)
         if cols.shape[1]:
             update = (d @ cols) @ cols_t
         else:
@@ -242,8 +222,8 @@ def refine_stack_fast(
     lams = [float(lam)] if isinstance(lam, (int, float)) else [float(x) for x in lam]
     out_dtype = out_dtype or instruct.dtype
     outs = [torch.empty(instruct.shape, dtype=out_dtype, device=instruct.device) for _ in lams]
-    b_tall, i_tall = _as_tall(base), _as_tall(instruct)
-    o_talls = [_as_tall(o) for o in outs]
+    b_tall, i_tall = kernel._as_tall(base), kernel._as_tall(instruct)
+    o_talls = [kernel._as_tall(o) for o in outs]
     n = b_tall.shape[-1]
     svals: List[torch.Tensor] = []
     ks: List[torch.Tensor] = []
@@ -254,8 +234,7 @@ def refine_stack_fast(
         if fast:
             eig = _Tridiagonal(gram)
             del gram
-            evals = _floor(eig.evals.flip(-1), n)
-            s = evals.sqrt()
+            s = kernel._singular_from_eigenvalues(eig.evals.flip(-1))
             k = head_size(s, rule)
             kk = int(k)
             tail_form = (n - kk) <= kk
@@ -268,8 +247,7 @@ def refine_stack_fast(
         else:
             ev, vec = torch.linalg.eigh(gram)
             del gram
-            evals = _floor(ev.flip(-1), n)
-            s = evals.sqrt()
+            s = kernel._singular_from_eigenvalues(ev.flip(-1))
             k = head_size(s, rule)
             kk = int(k)
             vec = vec.flip(-1)
@@ -284,12 +262,3 @@ def refine_stack_fast(
         ks.append(k.to(base.device))
     return Refined(tensors=tuple(outs), singular_values=torch.stack(svals), k=torch.stack(ks))
 
-
-def refine_matrix_fast(
-    base: torch.Tensor,
-    instruct: torch.Tensor,
-    lam: float,
-    rule: HeadRule = ERANK,
-    out_dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
-    return refine_stack_fast(base.unsqueeze(0), instruct.unsqueeze(0), lam, rule, out_dtype).tensor[0]
