@@ -1,8 +1,8 @@
 """mergekit-timber: the Timber method (arXiv 2509.23595) as mergekit merge methods.
 
-Importing this package is cheap (no torch, no mergekit): it arranges for `timber` and
-`timber_l` to be registered with mergekit as soon as mergekit's method registry is
-imported, or registers them right away if it already is.
+Importing this package is cheap (no torch, no mergekit): it makes sure that `timber` and
+`timber_l` are registered with mergekit as soon as mergekit's method registry is
+imported (or right away if it already is). See mergekit_timber/_hook.py.
 """
 
 PAPER_URL = "https://arxiv.org/abs/2509.23595"
@@ -21,13 +21,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def register() -> None:
-    """Register `timber` and `timber_l` with mergekit now (idempotent)."""
-    from mergekit_timber._hook import register_now
-
-    register_now()
-
-
-from mergekit_timber import _hook  # noqa: E402
-
-_hook.activate()
+from mergekit_timber import _hook  # noqa: E402,F401 - installs the import hook

@@ -1,97 +1,82 @@
-"""Lazy, one-shot registration of the Timber methods with mergekit.
+"""Makes the unmodified mergekit CLIs see `timber` and `timber_l`.
 
-mergekit 0.1.5 has no plugin discovery. The ``mergekit_timber_hook.pth`` file that
-ships with the wheel imports this package at interpreter start; importing it installs
-a meta-path finder that waits for ``mergekit.merge_methods`` to be imported and
-registers our methods right after it. Nothing here imports torch or mergekit (nor
-importlib.abc, which alone costs ~25 ms): the cost at interpreter start is one
-small module and one finder.
+mergekit 0.1.5 has no plugin discovery. The ``mergekit_timber_hook.pth`` file that ships
+with the wheel imports this module at interpreter start. It installs a meta-path finder
+that, right after mergekit imports one of the modules in ``FOLLOW_UP``, imports our
+module paired with it. Importing ``mergekit_timber.method`` registers the methods (the
+one rule, as mergekit's own registry registers in its module body).
 
+Nothing here imports torch or mergekit (nor importlib.abc, which alone costs ~25 ms):
+the cost at interpreter start is one small module and one finder.
 Set ``MERGEKIT_TIMBER_NO_HOOK=1`` to keep the .pth file from doing anything.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import sys
-import _thread
 import warnings
 
-TARGET = "mergekit.merge_methods"
-_lock = _thread.allocate_lock()  # not `threading`: it costs imports at start-up
+# mergekit module -> our module to import as soon as it has been executed.
+FOLLOW_UP = {
+    "mergekit.merge_methods": "mergekit_timber.method",
+}
 
 
-def register_now() -> None:
-    """Register our methods; safe to call any number of times."""
-    from mergekit_timber.registration import register_methods
-
-    register_methods()
-
-
-def _register_quietly() -> None:
-    # Importing mergekit_timber.method itself imports mergekit.merge_methods: then the
-    # method module is still half-initialised here, and registers itself once complete.
-    method = sys.modules.get("mergekit_timber.method")
-    if method is not None and not getattr(method, "READY", False):
-        return
+def _import_quietly(name: str) -> None:
     # A failure here must never break `import mergekit`: report it and go on.
     try:
-        register_now()
+        importlib.import_module(name)
     except Exception as error:  # noqa: BLE001 - any failure becomes a warning
         warnings.warn(
-            f"mergekit-timber: could not register the timber methods: {error!r}",
+            f"mergekit-timber: could not load {name} (the timber methods may be missing): {error!r}",
             RuntimeWarning,
             stacklevel=2,
         )
 
 
-class _RegisterAfterLoad:
-    """Wraps mergekit.merge_methods' real loader and registers after it ran."""
+class _ThenImport:
+    """Wraps a mergekit module's real loader and imports our follow-up after it ran."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, follow_up: str):
         self._loader = loader
+        self._follow_up = follow_up
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
-        _register_quietly()
+        # Importing our module while it is itself being imported (it imports mergekit)
+        # is a no-op returning the partial module; it finishes its own work.
+        _import_quietly(self._follow_up)
 
     def __getattr__(self, name):  # resource readers and the like
         return getattr(self._loader, name)
 
 
 class _Finder:
-    """Meta-path finder that only ever answers for mergekit.merge_methods, once."""
+    """Answers only for the mergekit modules in FOLLOW_UP; all others pass through."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != TARGET:
+        follow_up = FOLLOW_UP.get(fullname)
+        if follow_up is None:
             return None
-        uninstall()  # one shot: from now on the normal finders answer
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
             return None
-        spec.loader = _RegisterAfterLoad(spec.loader)
+        spec.loader = _ThenImport(spec.loader, follow_up)
         return spec
 
 
-def _installed_finder():
-    return next((f for f in sys.meta_path if isinstance(f, _Finder)), None)
+def install() -> None:
+    """Import our follow-ups of mergekit modules already loaded; watch for the rest."""
+    if not any(isinstance(finder, _Finder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+    for target, follow_up in FOLLOW_UP.items():
+        if target in sys.modules:
+            _import_quietly(follow_up)
 
 
-def uninstall() -> None:
-    with _lock:
-        finder = _installed_finder()
-        if finder is not None:
-            sys.meta_path.remove(finder)
-
-
-def activate() -> None:
-    """Register now if mergekit's registry is loaded, else when it gets imported."""
-    if TARGET in sys.modules:
-        _register_quietly()
-        return
-    with _lock:
-        if _installed_finder() is None:
-            sys.meta_path.insert(0, _Finder())
+install()

@@ -42,10 +42,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-# mergekit's method registry first: importing mergekit_timber.method before it would
-# make the registration hook (mergekit_timber._hook) import method.py half-initialized.
-import mergekit.merge_methods  # noqa: F401,E402  isort: skip
-
 from mergekit_timber.errors import TimberInputError
 # The kernel's own pieces, private ones included: W_out is rebuilt by exactly the code
 # a merge runs (same head/tail form, same rounding), row chunk by row chunk, so that the

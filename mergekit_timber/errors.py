@@ -16,3 +16,30 @@ class TimberConfigError(TimberError):
 
 class TimberInputError(TimberError, ValueError):
     """The models or tensors given to the merge are unusable."""
+
+
+def install_excepthook() -> None:
+    """Print our own input errors as one line instead of a traceback.
+
+    Only exceptions of mergekit-timber's classes (or chained from them) are touched;
+    anything else goes to the previous hook unchanged. MERGEKIT_TIMBER_TRACEBACK=1
+    keeps full tracebacks.
+    """
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "_mergekit_timber", False):
+        return
+
+    def hook(kind, error, trace):
+        import os
+
+        cause = error
+        while cause is not None and not isinstance(cause, TimberError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or os.environ.get("MERGEKIT_TIMBER_TRACEBACK"):
+            return previous(kind, error, trace)
+        print(f"mergekit-timber: error: {cause}", file=sys.stderr)
+
+    hook._mergekit_timber = True
+    sys.excepthook = hook

@@ -27,7 +27,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_timber import DISTRIBUTION, PAPER_URL, input_pages
-from mergekit_timber.errors import TimberConfigError, TimberInputError
+from mergekit_timber.errors import TimberConfigError, TimberInputError, install_excepthook
 from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
 LOG = logging.getLogger(__name__)
@@ -287,9 +287,21 @@ class TimberMerge(GroupMergeMethod):
             raise TimberInputError(f"{name}: the delta holds NaN/Inf") from None
 
 
-# Set last: the import hook defers registration while this module is half-imported
-# (see _hook._register_quietly), so complete it now.
-READY = True
-from mergekit_timber import _hook  # noqa: E402
+def _register() -> None:
+    """Add the methods to mergekit's registry, once per process (idempotent)."""
+    import mergekit_timber
+    from mergekit import merge_methods
 
-_hook.activate()
+    version = mergekit_timber.__version__
+    known = {m.spec.name for m in merge_methods.registered_methods()}
+    for method in (
+        TimberMerge("timber", tail_removed=False, version=version),
+        TimberMerge("timber_l", tail_removed=True, version=version),
+    ):
+        if method.spec.name not in known:
+            merge_methods.register(method)
+
+
+# The one rule: importing this module registers, as mergekit's own registry does.
+_register()
+install_excepthook()

@@ -6,7 +6,7 @@
         [--llama none|layers|full] [--no-preview] [--no-profile] [--no-micro]
 
 Sections (all on the same synthetic Qwen3-0.6B-shaped pair, built and cached in
-WORKDIR/pairs by mergekit_timber.synthetic):
+WORKDIR/pairs by mergekit_timber.testing.synthetic):
 
 1. Kernel routes: every candidate way of computing Timber on one matrix, timed and
    compared with the float64-SVD oracle (deviation = ||out - oracle||_F /
@@ -128,7 +128,7 @@ def load_string() -> str:
 
 
 def ensure_pair(workdir: Path, layers: int) -> Tuple[Path, Path]:
-    from mergekit_timber.synthetic import QWEN3_0_6B_SHAPE, write_pair
+    from mergekit_timber.testing.synthetic import QWEN3_0_6B_SHAPE, write_pair
 
     kwargs = dict(QWEN3_0_6B_SHAPE, layers=layers)
     out = workdir / "pairs" / f"qwen3-0.6b-L{layers}"
@@ -314,7 +314,7 @@ ROUTES: Dict[str, Tuple[str, Callable]] = {
 
 
 def decay_pair(m: int, n: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """bf16 (base, instruct) with the same 'decay' delta recipe as mergekit_timber.synthetic:
+    """bf16 (base, instruct) with the same 'decay' delta recipe as mergekit_timber.testing.synthetic:
     a rank-min(m,n,128) part with singular values ~1/sqrt(i), a full-rank Gaussian tail of
     0.25 of its norm, scaled to 0.02 of ||W_base||_F."""
     g = torch.Generator().manual_seed(seed)
@@ -858,7 +858,7 @@ def rusage_wrapper(stats: str, cmd: List[str]) -> int:
 
 
 def write_yaml(path: Path, base: Path, inst: Path) -> Path:
-    from mergekit_timber.synthetic import write_timber_yaml
+    from mergekit_timber.testing.synthetic import write_timber_yaml
 
     return write_timber_yaml(path, base, inst, method="timber", lambda_=LAMBDA)
 

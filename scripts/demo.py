@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from mergekit_timber.kernel import refine_matrix
-from mergekit_timber.synthetic import write_pair, write_timber_yaml
+from mergekit_timber.testing.synthetic import write_pair, write_timber_yaml
 
 BIN = Path(sys.executable).parent
 

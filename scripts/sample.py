@@ -23,11 +23,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-try:
-    from mergekit_timber.answer_check import CHECKERS
-except ImportError:  # run from a source tree that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from mergekit_timber.answer_check import CHECKERS
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # answer_check.py beside this script
+from answer_check import CHECKERS  # noqa: E402
 from mergekit_timber.passk import PasskError, read_jsonl
 
 

@@ -5,6 +5,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "scripts"))  # answer_check
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # See helpers.run_cli: parallel workers must not oversubscribe the cores.

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from helpers import load_dir, run_cli
-from mergekit_timber.synthetic import write_pair
+from mergekit_timber.testing.synthetic import write_pair
 from oracle import erank, head_k, timber_matrix
 
 PLOTS = ("erank_base_vs_instruct.png", "erank_ratio_hist.png", "k_per_layer.png")

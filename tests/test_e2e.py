@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import config_of, load_dir, mismatch_fraction, run_cli, write_yaml
-from mergekit_timber.synthetic import write_pair
+from mergekit_timber.testing.synthetic import write_pair
 from oracle import timber_matrix
 
 ARCHES = ["llama", "qwen3", "qwen3_moe"]

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import run_cli, write_yaml
-from mergekit_timber.synthetic import write_pair
+from mergekit_timber.testing.synthetic import write_pair
 
 
 @pytest.fixture(scope="module")

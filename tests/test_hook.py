@@ -1,4 +1,4 @@
-"""The .pth registration hook: lazy, one-shot, idempotent, harmless when it fails."""
+"""The .pth registration hook: lazy, idempotent, harmless when it fails."""
 
 import subprocess
 import sys
@@ -46,7 +46,7 @@ def test_environment_variable_turns_the_hook_off():
 def test_registering_is_idempotent():
     code = (
         "import mergekit_timber\nfrom mergekit import merge_methods as m\n"
-        "mergekit_timber.register(); mergekit_timber.register()\n"
+        "import importlib, mergekit_timber.method as t; importlib.reload(t); t._register(); t._register()\n"
         "print([x.spec.name for x in m.registered_methods()].count('timber'))"
     )
     assert py(code).stdout.strip() == "1"
@@ -55,16 +55,17 @@ def test_registering_is_idempotent():
 def test_a_failing_registration_is_a_warning_not_a_broken_import():
     code = (
         "import sys, types\n"
-        "broken = types.ModuleType('mergekit_timber.registration')\n"
-        "def register_methods(): raise RuntimeError('boom')\n"
-        "broken.register_methods = register_methods\n"
-        "sys.modules['mergekit_timber.registration'] = broken\n"
+        "class Boom:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'mergekit_timber.method': raise RuntimeError('boom')\n"
+        "import mergekit_timber._hook\n"
+        "sys.meta_path.insert(0, Boom())\n"
         "import mergekit.merge_methods as m\n"
         "print('imported', m.get('linear').spec.name)"
     )
     out = py(code)
     assert "imported linear" in out.stdout
-    assert "could not register the timber methods" in out.stderr and "boom" in out.stderr
+    assert "could not load mergekit_timber.method" in out.stderr and "boom" in out.stderr
 
 
 def test_wheel_ships_the_pth_file(tmp_path):
@@ -84,7 +85,7 @@ def test_wheel_ships_the_pth_file(tmp_path):
 
 @pytest.mark.parametrize(
     "first",
-    ["mergekit_timber.registration", "mergekit_timber.method", "mergekit_timber.sweep",
+    ["mergekit_timber.method", "mergekit_timber.sweep",
      "mergekit_timber.analysis", "mergekit_timber.kernel", "mergekit_timber"],
 )
 def test_any_import_order_registers_once_without_warning(first):
@@ -97,6 +98,38 @@ def test_any_import_order_registers_once_without_warning(first):
         "print([x.spec.name for x in m.registered_methods()].count('timber'))"
     )
     assert py(code).stdout.strip() == "1"
+
+
+def test_no_import_cycle_in_the_package():
+    # Each module imports only modules defined before it in this order (no cycle).
+    import ast
+
+    package = ROOT / "mergekit_timber"
+    graph = {}
+    for file in package.rglob("*.py"):
+        name = ".".join(file.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mergekit_timber"):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("mergekit_timber"))
+        graph[name] = {d for d in deps if d != name}
+    graph = {k: {d for d in v if d in graph and d != "mergekit_timber"} for k, v in graph.items()}
+    state = {}
+
+    def visit(node, path):
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "open", f"import cycle: {' -> '.join(path + [node])}"
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            visit(dep, path + [node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        visit(node, [])
 
 
 def test_cli_help_is_fast_to_import():

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from helpers import load_dir, run_cli, write_yaml
 from mergekit_timber import input_pages
 from mergekit_timber.kernel import refine_stack
-from mergekit_timber.synthetic import write_pair
+from mergekit_timber.testing.synthetic import write_pair
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 

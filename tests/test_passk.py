@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from mergekit_timber import passk as pk
-from mergekit_timber.answer_check import (
+from answer_check import (
     check_boxed,
     check_exact,
     extract_boxed,

@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from helpers import load_dir, run_cli, write_yaml
-from mergekit_timber.synthetic import write_pair
+from mergekit_timber.testing.synthetic import write_pair
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])

@@ -1,4 +1,4 @@
-"""Tests for mergekit_timber.synthetic: local Base/Instruct pairs for tests and demos."""
+"""Tests for mergekit_timber.testing.synthetic: local Base/Instruct pairs for tests and demos."""
 
 import json
 import os
@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mergekit_timber import synthetic
-from mergekit_timber.synthetic import tensor_specs, write_pair, write_timber_yaml
+from mergekit_timber.testing import synthetic
+from mergekit_timber.testing.synthetic import tensor_specs, write_pair, write_timber_yaml
 
 ARCHES = ("llama", "qwen3", "qwen3_moe")
 
