@@ -29,11 +29,9 @@ around one tensor of each model plus the kernel's chunk scratch, whatever the si
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
-import os
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
+from mergekit_timber.checkpoint import Checkpoint, resolve_model
 from mergekit_timber.errors import TimberInputError
 # The kernel's own pieces, private ones included: W_out is rebuilt by exactly the code
 # a merge runs (same head/tail form, same rounding), row chunk by row chunk, so that the
@@ -91,7 +90,6 @@ COLUMNS: Dict[str, str] = {
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 _EXPERT_INDEX = re.compile(r"(?:^|\.)experts\.(\d+)\.(.+)$")
 _EXPERT_STACK = re.compile(r"(?:^|\.)experts\.(.+)$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _NATURAL = re.compile(r"(\d+)")
 
 
@@ -139,93 +137,6 @@ def module_order(module: str) -> tuple:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def resolve_model(ref: str, role: str) -> Path:
-    """A local model directory for `ref`: a directory, or a Hub id (downloaded)."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise TimberInputError(f"{role} {ref!r} is not a directory")
-    if not _HUB_ID.match(ref) or ref.startswith((".", "~")) or os.path.isabs(ref):
-        raise TimberInputError(f"{role} {ref!r}: no such directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as exc:  # one line, whatever the hub library raised
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        raise TimberInputError(
-            f"{role} {ref!r} is not a local directory and could not be fetched from "
-            f"the Hugging Face Hub: {type(exc).__name__}: {reason}"
-        ) from None
-
-
-class Checkpoint:
-    """Lazy, tensor-at-a-time access to a safetensors model directory."""
-
-    def __init__(self, directory: Path, role: str):
-        self.directory, self.role = Path(directory), role
-        index = self.directory / "model.safetensors.index.json"
-        self.files: Dict[str, Path] = {}
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map") or {}
-            self.files = {name: self.directory / f for name, f in weight_map.items()}
-            missing = sorted({str(p.name) for p in self.files.values() if not p.is_file()})
-            if missing:
-                raise TimberInputError(
-                    f"{role} {self.directory}: shard {missing[0]} listed in "
-                    "model.safetensors.index.json is missing"
-                )
-        else:
-            shards = sorted(self.directory.glob("*.safetensors"))
-            if not shards:
-                raise TimberInputError(
-                    f"{role} {self.directory}: no *.safetensors weights found "
-                    "(analyze reads safetensors checkpoints only)"
-                )
-            from safetensors import safe_open
-
-            for shard in shards:
-                with safe_open(str(shard), framework="pt") as fh:
-                    for name in fh.keys():
-                        self.files[name] = shard
-        self._stack = contextlib.ExitStack()
-        self._handles: Dict[Path, Any] = {}
-
-    def _handle(self, name: str):
-        file = self.files[name]
-        if file not in self._handles:
-            from safetensors import safe_open
-
-            try:
-                self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
-            except Exception as exc:
-                raise TimberInputError(f"{self.role} {file}: cannot read safetensors: {exc}") from None
-        return self._handles[file]
-
-    def names(self) -> List[str]:
-        return list(self.files)
-
-    def info(self, name: str) -> Tuple[Tuple[int, ...], str]:
-        """(shape, safetensors dtype string) from the header, without reading data."""
-        sl = self._handle(name).get_slice(name)
-        return tuple(sl.get_shape()), str(sl.get_dtype())
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
-
-    def config(self) -> dict:
-        path = self.directory / "config.json"
-        try:
-            return json.loads(path.read_text()) if path.is_file() else {}
-        except (OSError, ValueError):
-            return {}
-
-    def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
 
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
