@@ -32,12 +32,12 @@ def install_excepthook() -> None:
         return
 
     def hook(kind, error, trace):
-        import os
+        from mergekit_timber.flags import flag
 
         cause = error
         while cause is not None and not isinstance(cause, TimberError):
             cause = cause.__cause__ or cause.__context__
-        if cause is None or os.environ.get("MERGEKIT_TIMBER_TRACEBACK"):
+        if cause is None or flag("MERGEKIT_TIMBER_TRACEBACK"):
             return previous(kind, error, trace)
         print(f"mergekit-timber: error: {cause}", file=sys.stderr)
 

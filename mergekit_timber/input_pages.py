@@ -27,6 +27,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from mergekit_timber.flags import flag
+
 _MADV_DONTNEED = 4
 _SUFFIX = ".safetensors"
 # "madvise": the libc function (None when unavailable); "spans": the last reading of
@@ -36,9 +38,7 @@ _STATE: dict = {}
 
 
 def enabled() -> bool:
-    return sys.platform.startswith("linux") and os.environ.get(
-        "MERGEKIT_TIMBER_KEEP_INPUT_PAGES", ""
-    ).strip().lower() in ("", "0", "false", "no")
+    return sys.platform.startswith("linux") and not flag("MERGEKIT_TIMBER_KEEP_INPUT_PAGES")
 
 
 def _madvise():
