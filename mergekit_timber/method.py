@@ -8,7 +8,7 @@ the inputs, and reads the parameters. The maths lives in mergekit_timber.kernel.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from pydantic import AfterValidator
@@ -31,7 +31,7 @@ from mergekit_timber.errors import TimberConfigError, TimberInputError, install_
 from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
 LOG = logging.getLogger(__name__)
-DEFAULT_LAMBDA = 0.2  # the authors' recommended default (SPEC)
+DEFAULT_LAMBDA = 0.2  # the authors' recommended default (paper, Section 4)
 
 
 def _fraction(name: str, *, zero_ok: bool):
@@ -103,12 +103,13 @@ def _parameters(with_lambda: bool) -> tuple:
     )
 
 
-def _single(value: Any) -> Any:
-    """The instruct model's value of a NON_BASE parameter (there is exactly one)."""
-    if isinstance(value, PerInputValues):
-        (only,) = tuple(value.values())
-        return only
-    return value
+def _single(value: PerInputValues) -> Any:
+    """The instruct model's value of a NON_BASE parameter (there is exactly one).
+
+    mergekit binds every NON_BASE parameter per input, on both of its entry points.
+    """
+    (only,) = tuple(value.values())
+    return only
 
 
 def head_rule(rank_ratio: Optional[float], energy: Optional[float], tensor: str) -> HeadRule:
@@ -148,12 +149,9 @@ def refine_tensor(
     """
     many = not isinstance(lam, (int, float))
     lams = [float(x) for x in lam] if many else [float(lam)]
-    if all(x == 1 for x in lams):
-        outs = (instruct,) * len(lams)
-    else:
-        outs = _refine(name, base, instruct, lams, rule)
-        # lambda = 1 is the instruct tensor itself, as a single run returns it.
-        outs = tuple(instruct if x == 1 else o for x, o in zip(lams, outs))
+    outs = _refine(name, base, instruct, lams, rule)
+    # lambda = 1 is the instruct tensor itself, bit for bit (a sweep may mix it with others).
+    outs = tuple(instruct if x == 1 else o for x, o in zip(lams, outs))
     return outs if many else outs[0]
 
 
@@ -199,11 +197,32 @@ def check_finite(name: str, which: str, tensor: torch.Tensor) -> None:
         )
 
 
-class TimberMerge(GroupMergeMethod):
-    """`timber` (tail scaled by lambda) or `timber_l` (tail removed)."""
+# Receives, per tensor, the outputs for a method's extra lambdas (see sweep.py).
+Sink = Callable[[str, Tuple[torch.Tensor, ...]], None]
 
-    def __init__(self, name: str, tail_removed: bool, version: str):
+
+class TimberMerge(GroupMergeMethod):
+    """`timber` (tail scaled by lambda) or `timber_l` (tail removed).
+
+    The registered methods are stateless. A sweep builds its own instance, under a
+    name of its own, with `extra_lambdas` computed from the same decomposition and a
+    `sink` that receives their outputs; it returns the configured lambda's output.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        tail_removed: bool,
+        version: str,
+        extra_lambdas: Sequence[float] = (),
+        sink: Optional[Sink] = None,
+    ):
+        if extra_lambdas and (tail_removed or sink is None):
+            raise ValueError("extra lambdas need `timber` and a sink for their outputs")
         self.tail_removed = tail_removed
+        self.label = "timber_l" if tail_removed else "timber"  # as users name it
+        self.extra_lambdas = tuple(float(x) for x in extra_lambdas)
+        self.sink = sink
         pretty = "Timber-L" if tail_removed else "Timber"
         self.spec = MergeMethodSpec(
             name=name,
@@ -212,10 +231,11 @@ class TimberMerge(GroupMergeMethod):
                 base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2,
                 min_non_base=1, max_non_base=1,
             ),
-            # mergekit prints the pretty name into the model card it writes: it says
-            # which package made the model and how to get it, so recipes reproduce.
-            pretty_name=f"{pretty} (via {DISTRIBUTION} {version}: "
-            f"`pip install {DISTRIBUTION}=={version}`)",
+            # mergekit prints the pretty name into the model card it writes: it names
+            # the plugin and its version, so a Hub visitor knows what to install
+            # beside mergekit to rerun the recipe (no package-index release exists yet).
+            pretty_name=f"{pretty} (mergekit plugin {DISTRIBUTION} {version}: "
+            "install it from its source, `pip install .`, to rerun this recipe)",
             reference_url=PAPER_URL,
             optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_SINGLETON,
             uses_accelerator=True,
@@ -223,7 +243,7 @@ class TimberMerge(GroupMergeMethod):
 
     def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
         where = f" ({group_name})" if group_name else ""
-        name = self.spec.name
+        name = self.label
         if base_id is None or base_id not in list(input_ids):
             raise TimberInputError(
                 f"{name}: no base model{where}: set base_model: to the Base model "
@@ -239,30 +259,27 @@ class TimberMerge(GroupMergeMethod):
         super().validate_inputs(input_ids, base_id, group_name=group_name)
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        from mergekit_timber.sweep import active_sweep
-
+        # mergekit has checked the shapes (TensorGroup.validate_tensors) on both its
+        # entry points before this is called.
         name = group.metadata.name or "<unnamed tensor>"
         base, (instruct,) = group.base.tensor, [e.tensor for e in group.non_base]
-        if base.shape != instruct.shape:
-            raise TimberInputError(
-                f"{name}: base shape {tuple(base.shape)} != instruct shape {tuple(instruct.shape)}"
-            )
-        sweep = active_sweep()  # set only while `mergekit-timber sweep` runs a merge
         lam = 0.0 if self.tail_removed else float(_single(parameters["lambda"]))
-        lams = [lam] + (list(sweep.other_lambdas) if sweep else [])
+        lams = [lam, *self.extra_lambdas]
         vocab = group.metadata.vocabulary_axis is not None
         try:
             outs = self._merge(name, base, instruct, lams, vocab, parameters)
         finally:
             # Read once: their pages need not stay resident for the rest of the merge.
             input_pages.release(base, instruct)
-        if sweep:
-            sweep.save(name, outs[1:])
+        if self.sink is not None:
+            self.sink(name, outs[1:])
         return outs[0]
 
     def _merge(self, name, base, instruct, lams, vocab, parameters) -> Tuple[torch.Tensor, ...]:
         keep = (instruct,) * len(lams)
         if not instruct.is_floating_point():
+            # mergekit-yaml copies integer buffers itself, but mergekit's direct call
+            # (`method(groups)`) hands them to the method as they are.
             return keep
         rule = head_rule(_single(parameters["rank_ratio"]), _single(parameters["energy"]), name)
         decomposed = (

@@ -1,37 +1,36 @@
 """One-pass lambda sweeps: one decomposition per tensor, one output model per lambda.
 
-Timber is linear in lambda (SPEC: Timber(lambda) = (1-lambda)*TimberL + lambda*Instruct),
-so a single decomposition serves every lambda. `run_sweep` runs ONE real mergekit merge
-for the first lambda (so config, tokenizer and card are exactly mergekit's); while it
-runs, the Timber method also computes the other lambdas from the same decomposition
-and hands them to this module, which writes them with mergekit's own TensorWriter.
+Timber is linear in lambda (Timber(lambda) = (1-lambda)*Timber-L + lambda*Instruct), so
+a single decomposition serves every lambda. `run_sweep` runs ONE real mergekit merge for
+the first lambda (so config, tokenizer and card are exactly mergekit's) with a
+TimberMerge instance of its own: it carries the other lambdas and a sink, is registered
+under a name used by this merge alone, and is removed afterwards; the `timber` every
+other merge uses stays stateless. The sink writes the other lambdas' outputs with
+mergekit's own TensorWriter.
 Afterwards each extra output gets the first output's non-weight files, its own model
 card and a `mergekit_config.yml` that reproduces it alone with `mergekit-yaml`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import yaml
 
+from mergekit_timber.checkpoint import Checkpoint
 from mergekit_timber.errors import TimberConfigError
-
-_active: Optional["SweepSession"] = None
 
 SIDE_SHARD_BYTES = 1_000_000_000
 
 # Files of the first output that are per-lambda (written anew) or weights.
 _PER_OUTPUT = ("README.md", "mergekit_config.yml")
-
-
-def active_sweep() -> Optional["SweepSession"]:
-    return _active
 
 
 def output_name(lam: float) -> str:
@@ -40,9 +39,8 @@ def output_name(lam: float) -> str:
 
 @dataclass
 class SweepSession:
-    """Writers for the lambdas after the first; fed tensor by tensor by the method."""
+    """Writers for the lambdas after the first; its `save` is the sweep method's sink."""
 
-    other_lambdas: Sequence[float]
     writers: List[object]
     out_dtype: Optional[object] = None  # torch.dtype the config asks to write
     saved: List[set] = field(default_factory=list)
@@ -107,8 +105,6 @@ def load_sweep_config(config_path: Path) -> Dict:
 
 def run_sweep(config_path: Path, out_root: Path, lambdas: Sequence[float], options) -> List[Path]:
     """Write OUT/lambda-X/ for every lambda from one pass; return the output dirs."""
-    global _active
-    import mergekit_timber  # noqa: F401 - registers timber with mergekit
     from mergekit.card import generate_card
     from mergekit.common import dtype_from_name
     from mergekit.config import MergeConfiguration
@@ -136,22 +132,23 @@ def run_sweep(config_path: Path, out_root: Path, lambdas: Sequence[float], optio
         for out in outs[1:]
     ]
     out_dtype = dtype_from_name(configs[0].out_dtype) if configs[0].out_dtype else None
-    session = SweepSession(other_lambdas=list(lambdas[1:]), writers=writers, out_dtype=out_dtype)
-    if _active is not None:
-        raise RuntimeError("a sweep is already running in this process")
-    _active = session
-    try:
-        run_merge(configs[0], str(outs[0]), options=options, config_source=texts[0])
-    finally:
-        _active = None
+    session = SweepSession(writers=writers, out_dtype=out_dtype)
+    with _sweep_method(lambdas[1:], session.save) as method_name:
+        # The card and mergekit_config.yml come from texts[0]: they name `timber`.
+        first = configs[0].model_copy(update={"merge_method": method_name})
+        run_merge(first, str(outs[0]), options=options, config_source=texts[0])
 
-    first_tensors = _tensor_files(outs[0])
-    for index, (out, writer) in enumerate(zip(outs[1:], writers)):
-        # Tensors mergekit wrote without calling the method (non-float buffers,
-        # passthrough) do not depend on lambda: take them from the first output.
-        for name in sorted(set(first_tensors) - session.saved[index]):
-            writer.save_tensor(name=name, tensor=_read(first_tensors[name], name), clone=False)
-        writer.finalize()
+    first_output = Checkpoint(outs[0], "sweep output")
+    try:
+        for index, (out, writer) in enumerate(zip(outs[1:], writers)):
+            # Tensors mergekit wrote without calling the method (non-float buffers,
+            # passthrough) do not depend on lambda: take them from the first output.
+            for name in sorted(set(first_output.names()) - session.saved[index]):
+                writer.save_tensor(name=name, tensor=first_output.tensor(name), clone=False)
+            writer.finalize()
+    finally:
+        first_output.close()
+    for index, out in enumerate(outs[1:]):
         _copy_non_weight_files(outs[0], out)
         config, text = configs[index + 1], texts[index + 1]
         if options.write_model_card:
@@ -160,21 +157,31 @@ def run_sweep(config_path: Path, out_root: Path, lambdas: Sequence[float], optio
     return outs
 
 
-def _tensor_files(model_dir: Path) -> Dict[str, Path]:
-    from safetensors import safe_open
-
-    names = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            names.update({key: file for key in fh.keys()})
-    return names
+_SWEEP_IDS = itertools.count(1)
 
 
-def _read(file: Path, name: str):
-    from safetensors import safe_open
+@contextlib.contextmanager
+def _sweep_method(extra_lambdas: Sequence[float], sink) -> Iterator[str]:
+    """Register, for one merge, a `timber` that also computes `extra_lambdas` into `sink`.
 
-    with safe_open(str(file), framework="pt") as fh:
-        return fh.get_tensor(name)
+    mergekit looks methods up by name (at planning and for every tensor, in every
+    executor thread), so the instance gets a name no other merge uses; mergekit 0.1.5
+    has no unregister, so its registry entry is removed by hand afterwards.
+    """
+    import mergekit_timber
+    from mergekit import merge_methods
+    from mergekit.merge_methods import registry
+    from mergekit_timber.method import TimberMerge
+
+    name = f"timber-sweep-{next(_SWEEP_IDS)}-{id(sink):x}"
+    merge_methods.register(
+        TimberMerge(name, tail_removed=False, version=mergekit_timber.__version__,
+                    extra_lambdas=extra_lambdas, sink=sink)
+    )
+    try:
+        yield name
+    finally:
+        registry._METHODS.pop(name, None)
 
 
 def _copy_non_weight_files(src: Path, dst: Path) -> None:

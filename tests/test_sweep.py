@@ -53,3 +53,17 @@ def test_sweep_rejects_bad_input(tmp_path):
     proc = run_cli("mergekit-timber", "sweep", cfg, tmp_path / "o", "--lambdas", "0.2,1.4", check=False)
     assert proc.returncode != 0 and "lambda must lie in [0, 1]; got 1.4" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_sweep_method_is_its_own_and_leaves_timber_stateless():
+    from mergekit import merge_methods
+    from mergekit_timber.sweep import _sweep_method
+
+    saved = []
+    with _sweep_method([0.5, 0.8], lambda name, outs: saved.append(name)) as name:
+        method = merge_methods.get(name)
+        assert method.extra_lambdas == (0.5, 0.8) and method.sink is not None
+        assert method.label == "timber" and name != "timber"
+        timber = merge_methods.get("timber")
+        assert timber.extra_lambdas == () and timber.sink is None
+    assert name not in {m.spec.name for m in merge_methods.registered_methods()}
