@@ -40,26 +40,24 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-from mergekit_timber.checkpoint import Checkpoint, resolve_model
+from mergekit_timber.checkpoint import Checkpoint, dtype_name, resolve_model
 from mergekit_timber.errors import TimberInputError
-# The kernel's own pieces, private ones included: W_out is rebuilt by exactly the code
-# a merge runs (same head/tail form, same rounding), row chunk by row chunk, so that the
-# float64 result is never held whole. tests/test_analyze.py checks it against
-# method.refine_tensor bit for bit.
+# The kernel's own pieces: W_out is rebuilt by exactly the code a merge runs (same
+# head/tail form, same rounding), row chunk by row chunk, so that the float64 result
+# is never held whole. tests/test_analyze.py checks it against method.refine_tensor
+# bit for bit.
 from mergekit_timber.kernel import (
     ERANK,
     HeadRule,
-    _as_tall,
+    as_tall,
     rebuild_into,
-    _row_chunks,
+    row_chunks,
     effective_rank,
     head_size,
     right_spectrum,
     singular_values,
 )
 from mergekit_timber.method import as_matrix_stack, check_finite, is_expert_stack, is_fused_gate_up
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Columns of erank.csv, in order, with their meaning (shown by `mergekit-timber analyze
 # --help` and included in the --format json output as "columns").
@@ -227,7 +225,7 @@ def stack_stats(
     never held whole.
     """
     out_dtype = out_dtype or instruct.dtype
-    b_tall, i_tall = _as_tall(base), _as_tall(instruct)
+    b_tall, i_tall = as_tall(base), as_tall(instruct)
     rank = b_tall.shape[-1]
     s_base, s_inst = singular_values(b_tall), singular_values(i_tall)
     s_delta, v = right_spectrum(b_tall, i_tall)
@@ -237,7 +235,7 @@ def stack_stats(
     zeros = lambda: torch.zeros(batch, dtype=torch.float64)  # noqa: E731
     bb, ii, dd, ee, re_, changed = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
     dims = (-2, -1)
-    for rows in _row_chunks(b_tall.shape):
+    for rows in row_chunks(b_tall.shape):
         b64, i64 = b_tall[..., rows, :].to(torch.float64), i_tall[..., rows, :].to(torch.float64)
         exact = torch.empty(b64.shape, dtype=torch.float64)
         rebuild_into(b_tall[..., rows, :], i_tall[..., rows, :], v, k, [float(lam)], [exact])
@@ -290,10 +288,6 @@ def rule_label(rule: HeadRule) -> str:
     if rule.kind == "rank_ratio":
         return f"K = ceil({rule.value:g} * rank)"
     return f"K = smallest head holding {rule.value:g} of sum(S^2)"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def analyze_pair(
@@ -597,7 +591,7 @@ def run(
     progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
 ) -> Analysis:
     """Analyze a pair and write erank.csv, summary.json and the three plots to `out_dir`."""
-    dtype = DTYPES[out_dtype] if out_dtype else None
+    dtype = getattr(torch, out_dtype) if out_dtype else None  # a name of checkpoint.DTYPES
     base = Checkpoint(resolve_model(base_ref, "base"), "base")
     instruct = Checkpoint(resolve_model(instruct_ref, "instruct"), "instruct")
     try:

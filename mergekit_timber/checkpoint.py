@@ -12,11 +12,21 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 from mergekit_timber.errors import TimberInputError
+
+if TYPE_CHECKING:  # torch is imported by safetensors when a tensor is read
+    import torch
+
+# The floating dtypes checkpoints are written in here: name (as config.json, mergekit's
+# dtype:/out_dtype: and torch spell it) -> safetensors header tag. The one such table.
+DTYPES: Dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def dtype_name(dtype: "torch.dtype") -> str:
+    """torch.bfloat16 -> "bfloat16" (torch.<name> is the dtype of a name in DTYPES)."""
+    return str(dtype).replace("torch.", "")
 
 # What the Hub accepts as a repo id: org/name.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -107,3 +117,9 @@ class Checkpoint:
     def close(self) -> None:
         self._stack.close()
         self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

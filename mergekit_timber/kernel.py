@@ -84,7 +84,7 @@ def head_size(singular_values: torch.Tensor, rule: HeadRule = ERANK) -> torch.Te
     return k.clamp(0, rank).to(torch.int64)
 
 
-def _row_chunks(shape: torch.Size) -> list:
+def row_chunks(shape: torch.Size) -> list:
     """Row slices of a tall [..., m, n] stack, each about CHUNK_BYTES in float64."""
     m, n = shape[-2:]
     batch = max(1, math.prod(shape[:-2]))
@@ -92,14 +92,15 @@ def _row_chunks(shape: torch.Size) -> list:
     return [slice(start, min(m, start + step)) for start in range(0, m, step)]
 
 
-def _delta64(base: Optional[torch.Tensor], instruct: torch.Tensor, rows: slice) -> torch.Tensor:
+def delta64(base: Optional[torch.Tensor], instruct: torch.Tensor, rows: slice) -> torch.Tensor:
     """Rows of W_I - W_B in float64; with no base, rows of W_I itself (its own spectrum)."""
     # copy=True: a float64 input would otherwise come back as itself and be subtracted into.
     rows64 = instruct[..., rows, :].to(torch.float64, copy=base is not None)
     return rows64 if base is None else rows64.sub_(base[..., rows, :])
 
 
-def _as_tall(t: torch.Tensor) -> torch.Tensor:
+def as_tall(t: torch.Tensor) -> torch.Tensor:
+    """A [..., m, n] stack with m >= n: wide matrices as their transposes (views)."""
     return t.transpose(-1, -2) if t.shape[-2] < t.shape[-1] else t
 
 
@@ -150,15 +151,17 @@ def _read_done(hook: ReadHook, rows: slice, *inputs: Optional[torch.Tensor]) -> 
                 hook(t[..., rows, :])
 
 
-def _gram(base: Optional[torch.Tensor], instruct: torch.Tensor, read_hook: ReadHook = None):
-    """(D^T D in float64, delta): delta is the float64 delta when it fitted in one chunk
-    (the rebuild then reuses it instead of converting the inputs again)."""
+def delta_gram(base: Optional[torch.Tensor], instruct: torch.Tensor, read_hook: ReadHook = None):
+    """(D^T D in float64, delta) of a tall [..., m, n] stack, row chunk by row chunk
+    (D = instruct - base; instruct itself when base is None). delta is the float64 delta
+    when it fitted in one chunk (the rebuild then reuses it instead of converting the
+    inputs again), else None. Raises NonFiniteDelta if the inputs hold NaN/Inf."""
     n = instruct.shape[-1]
     gram = torch.zeros(instruct.shape[:-2] + (n, n), dtype=torch.float64, device=instruct.device)
-    chunks = _row_chunks(instruct.shape)
+    chunks = row_chunks(instruct.shape)
     cached = None
     for rows in chunks:
-        d = _delta64(base, instruct, rows)
+        d = delta64(base, instruct, rows)
         if len(chunks) > 1:  # a single chunk is read again at once by the rebuild, and reported then
             _read_done(read_hook, rows, base, instruct)
         _add_gram(gram, d)
@@ -171,7 +174,7 @@ def _gram(base: Optional[torch.Tensor], instruct: torch.Tensor, read_hook: ReadH
     return gram, cached
 
 
-def _singular_from_eigenvalues(evals_desc: torch.Tensor) -> torch.Tensor:
+def singular_from_eigenvalues(evals_desc: torch.Tensor) -> torch.Tensor:
     """sqrt of the Gram's eigenvalues, those under its rounding floor (n * eps * largest)
     set to zero: they are noise of size sqrt(eps) * S_1, not spectrum."""
     n = evals_desc.shape[-1]
@@ -180,11 +183,11 @@ def _singular_from_eigenvalues(evals_desc: torch.Tensor) -> torch.Tensor:
 
 
 def _spectrum(base: torch.Tensor, instruct: torch.Tensor, read_hook: ReadHook = None):
-    """(s, V, delta): see right_spectrum and _gram."""
-    gram, cached = _gram(base, instruct, read_hook)
+    """(s, V, delta): see right_spectrum and delta_gram."""
+    gram, cached = delta_gram(base, instruct, read_hook)
     evals, evecs = _eigh(gram)
     del gram
-    return _singular_from_eigenvalues(evals.flip(-1)), evecs.flip(-1), cached
+    return singular_from_eigenvalues(evals.flip(-1)), evecs.flip(-1), cached
 
 
 def right_spectrum(
@@ -193,7 +196,7 @@ def right_spectrum(
     """Singular values (descending) and right singular vectors of a tall delta.
 
     Returns (s [..., n], V [..., n, n]) with V's columns in the order of s; singular
-    values under the Gram's rounding floor are zero (see _singular_from_eigenvalues).
+    values under the Gram's rounding floor are zero (see singular_from_eigenvalues).
     """
     s, v, _ = _spectrum(base, instruct)
     return s, v
@@ -240,8 +243,8 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
 
     Eigenvalues only: no eigenvectors are computed for a spectrum alone.
     """
-    gram, _ = _gram(None, _as_tall(matrix))
-    return _singular_from_eigenvalues(_eigh(gram, vectors=False).flip(-1))
+    gram, _ = delta_gram(None, as_tall(matrix))
+    return singular_from_eigenvalues(_eigh(gram, vectors=False).flip(-1))
 
 
 @dataclass(frozen=True)
@@ -279,11 +282,11 @@ def refine_stack(
         )
     lams = [float(lam)] if isinstance(lam, (int, float)) else [float(x) for x in lam]
     out_dtype = out_dtype or instruct.dtype
-    b_tall, i_tall = _as_tall(base), _as_tall(instruct)
+    b_tall, i_tall = as_tall(base), as_tall(instruct)
     s, v, cached = _spectrum(b_tall, i_tall, read_hook)
     k = head_size(s, rule)
     outs = [torch.empty(instruct.shape, dtype=out_dtype, device=instruct.device) for _ in lams]
-    o_talls = [_as_tall(o) for o in outs]
+    o_talls = [as_tall(o) for o in outs]
     rebuild_into(b_tall, i_tall, v, k, lams, o_talls, delta=cached, read_hook=read_hook)
     return Refined(tensors=tuple(outs), singular_values=s, k=k)
 
@@ -317,8 +320,8 @@ def rebuild_into(
         keep = (index[:width] < k.unsqueeze(-1)).to(torch.float64)
     # Rows of cols_t are masked so that each matrix of the stack uses its own K.
     cols_t = (cols * keep.unsqueeze(-2)).transpose(-1, -2)
-    for rows in _row_chunks(base.shape):
-        d = delta if delta is not None else _delta64(base, instruct, rows)
+    for rows in row_chunks(base.shape):
+        d = delta if delta is not None else delta64(base, instruct, rows)
         update = (d @ cols) @ cols_t
         for lam, out in zip(lams, outs):
             # Each sum is taken in float64 (the inputs' rows are widened inside the

@@ -2,8 +2,9 @@
 
 No Hub access is needed: the pair is synthetic (a 4-layer Qwen3-architecture model
 with tied embeddings, bf16, whose Instruct differs from its Base by a delta with a
-decaying spectrum). The merge runs through the unmodified `mergekit-yaml` CLI with
-`merge_method: timber`, then the output is checked against the Base and Instruct.
+decaying spectrum). `mergekit-timber analyze` first reports what Timber will do to
+each matrix; the merge then runs through the unmodified `mergekit-yaml` CLI with
+`merge_method: timber`, and the output is checked against the Base and Instruct.
 
     python scripts/demo.py [--workdir demo] [--lambda 0.2]
 """
@@ -14,8 +15,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from mergekit_timber.checkpoint import Checkpoint
 from mergekit_timber.kernel import refine_matrix
 from mergekit_timber.testing.synthetic import write_pair, write_timber_yaml
 
@@ -23,11 +24,8 @@ BIN = Path(sys.executable).parent
 
 
 def tensors(model_dir: Path) -> dict:
-    out = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
+    with Checkpoint(model_dir, "model") as checkpoint:
+        return {name: checkpoint.tensor(name) for name in checkpoint.names()}
 
 
 def main() -> int:
@@ -37,18 +35,25 @@ def main() -> int:
     args = parser.parse_args()
 
     work = args.workdir.resolve()
-    print(f"1/3 building a small Qwen3-style Base/Instruct pair in {work}/pair ...")
+    print(f"1/4 building a small Qwen3-style Base/Instruct pair in {work}/pair ...")
     base_dir, instruct_dir = write_pair(
         work / "pair", arch="qwen3", layers=4, hidden=256, intermediate=768,
         heads=8, kv_heads=4, head_dim=32, vocab=4096, seed=0,
     )  # fmt: skip
+    analysis = work / "analysis"
+    print(f"2/4 mergekit-timber analyze {base_dir} {instruct_dir} -o {analysis}")
+    subprocess.run(
+        [str(BIN / "mergekit-timber"), "analyze", str(base_dir), str(instruct_dir), "-o", str(analysis),
+         "--lambda", str(args.lam)],
+        check=True,
+    )  # fmt: skip
     config = write_timber_yaml(work / "timber.yml", base_dir, instruct_dir, lambda_=args.lam)
     out = work / "out"
-    print(f"2/3 mergekit-yaml {config} {out}")
+    print(f"3/4 mergekit-yaml {config} {out}")
     print("    " + config.read_text().replace("\n", "\n    ").rstrip())
     subprocess.run([str(BIN / "mergekit-yaml"), str(config), str(out)], check=True)
 
-    print("3/3 checking the output")
+    print("4/4 checking the output")
     base, instruct, merged = tensors(base_dir), tensors(instruct_dir), tensors(out)
     refined = kept = 0
     for name, wi in instruct.items():
@@ -63,7 +68,7 @@ def main() -> int:
     moved = (merged[name].double() - instruct[name].double()).norm() / d.norm()
     print(f"    {refined} matrices refined (each equals the kernel's result), {kept} 1-D tensors kept from Instruct")
     print(f"    {name}: Timber moved it by {moved:.1%} of ||W_I - W_B|| back toward Base")
-    print(f"    model card: {out / 'README.md'}")
+    print(f"    model card: {out / 'README.md'}; analysis: {analysis}/erank.csv and plots")
     print(f"done: the Timber model is in {out}")
     return 0
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
+
+from mergekit_timber.checkpoint import Checkpoint
 
 BIN = Path(sys.executable).parent
 
@@ -51,12 +52,8 @@ def write_yaml(path: Path, config) -> Path:
 
 def load_dir(model_dir: Path) -> dict:
     """All tensors of a model directory (any number of safetensors shards)."""
-    tensors = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
-    return tensors
+    with Checkpoint(model_dir, "model") as checkpoint:
+        return {name: checkpoint.tensor(name) for name in checkpoint.names()}
 
 
 def config_of(model_dir: Path) -> dict:

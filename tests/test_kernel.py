@@ -157,10 +157,10 @@ def test_eigh_device_policy(monkeypatch):
 def test_meta_device_allocations_follow_the_input():
     # Every buffer is allocated on the input's device: shape-check on "meta" tensors
     # (no data) up to the eigen-decomposition, which meta cannot run.
-    from mergekit_timber.kernel import _delta64, _row_chunks
+    from mergekit_timber.kernel import delta64, row_chunks
 
     b = torch.empty(10, 4, device="meta", dtype=torch.bfloat16)
-    assert _delta64(b, b, _row_chunks(b[None].shape)[0]).device.type == "meta"
+    assert delta64(b, b, row_chunks(b[None].shape)[0]).device.type == "meta"
 
 
 def test_non_finite_input_is_detected_through_the_gram():
@@ -173,10 +173,9 @@ def test_non_finite_input_is_detected_through_the_gram():
 
 
 def test_symmetric_gram_matches_plain_gram():
-    from mergekit_timber.kernel import _add_gram, _fill_gram
+    from mergekit_timber.kernel import delta_gram
 
+    # 300 columns: two row panels, so the upper-triangle blocks are mirrored.
     d = torch.randn(2, 50, 300, dtype=torch.float64)
-    gram = torch.zeros(2, 300, 300, dtype=torch.float64)
-    _add_gram(gram, d)
-    _fill_gram(gram)
+    gram, _ = delta_gram(None, d)
     assert torch.allclose(gram, d.transpose(-1, -2) @ d, rtol=1e-12, atol=1e-12)

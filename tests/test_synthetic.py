@@ -7,8 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from mergekit_timber.checkpoint import Checkpoint
 from mergekit_timber.testing import synthetic
 from mergekit_timber.testing.synthetic import tensor_specs, write_pair, write_timber_yaml
 
@@ -17,14 +17,9 @@ ARCHES = ("llama", "qwen3", "qwen3_moe")
 
 def read_weights(model_dir):
     """{name: float32 tensor} and {name: safetensors dtype} over all shards."""
-    files = sorted(p for p in os.listdir(model_dir) if p.endswith(".safetensors"))
-    tensors, dtypes = {}, {}
-    for name in files:
-        with safe_open(os.path.join(model_dir, name), framework="pt") as f:
-            for key in f.keys():
-                dtypes[key] = f.get_slice(key).get_dtype()
-                tensors[key] = f.get_tensor(key)
-    return tensors, dtypes
+    with Checkpoint(model_dir, "model") as checkpoint:
+        names = checkpoint.names()
+        return {n: checkpoint.tensor(n) for n in names}, {n: checkpoint.info(n)[1] for n in names}
 
 
 def shapes(tensors):

@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+from mergekit_timber.checkpoint import DTYPES
 
 
 class _AnalyzeCommand(click.Command):
@@ -27,7 +27,7 @@ class _AnalyzeCommand(click.Command):
               help="Directory for erank.csv, summary.json and the PNG plots (created if missing).")
 @click.option("--lambda", "lam", default=0.2, show_default=True, type=click.FloatRange(0, 1),
               help="Timber's lambda for the realized-edit columns (0 = Timber-L).")
-@click.option("--out-dtype", type=click.Choice(DTYPE_CHOICES),
+@click.option("--out-dtype", type=click.Choice(list(DTYPES)),
               help="dtype the merged weights would be stored in (default: each instruct tensor's dtype).")
 @click.option("--rank-ratio", type=click.FloatRange(0, 1, min_open=True),
               help="Ablation (Truncate-R): K = ceil(R * rank) instead of ceil(eRank).")

@@ -51,6 +51,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
+from mergekit_timber.checkpoint import DTYPES, dtype_name
+
 __all__ = [
     "ARCHES",
     "QWEN3_0_6B_SHAPE",
@@ -92,11 +94,6 @@ LOWRANK_RANK_CAP = 8  # rank of a "lowrank" delta (no tail)
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3  # shard above 2 GiB, like save_pretrained's default
 _ROW_CHUNK = 8192  # rows per chunk when filling big Gaussian tensors (fixed: determinism)
 
-_DTYPE_NAMES = {
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float32: "F32",
-}
 
 
 # --------------------------------------------------------------------------- specs
@@ -311,7 +308,7 @@ def _header(specs: Sequence[TensorSpec], dtype: torch.dtype) -> bytes:
     for spec in specs:
         end = offset + spec.numel * itemsize
         header[spec.name] = {
-            "dtype": _DTYPE_NAMES[dtype],
+            "dtype": DTYPES[dtype_name(dtype)],
             "shape": list(spec.shape),
             "data_offsets": [offset, end],
         }
@@ -529,8 +526,8 @@ def write_pair(
         raise ValueError(f"spectrum must be one of {SPECTRA}, not {spectrum!r}")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, not {dtype!r}")
+    if dtype_name(dtype) not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
     if min(layers, hidden, intermediate, heads, kv_heads, head_dim, vocab) < 1:
         raise ValueError("all sizes must be positive")
     if heads % kv_heads:
@@ -642,7 +639,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
                  "experts", "moe-intermediate", "seed"):  # fmt: skip
         parser.add_argument(f"--{flag}", type=int)
     parser.add_argument("--tie-embeddings", type=_parse_tie, metavar="{true,false,auto}")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", choices=list(DTYPES))
     parser.add_argument("--delta-scale", type=float)
     parser.add_argument("--spectrum", choices=SPECTRA)
     parser.add_argument("--moe-layout", choices=MOE_LAYOUTS)
