@@ -1,32 +1,33 @@
 #!/usr/bin/env python
-"""Timber speed and memory benchmark (issue 3): one command, tables on stdout.
+"""Timber speed and memory benchmark: one command, tables on stdout.
 
     python scripts/benchmark.py [--layers 28] [--small-layers 4] [--skip-naive]
         [--workdir DIR] [--kernel-only | --e2e-only] [--device cpu|cuda]
-        [--llama none|layers|full] [--no-preview] [--no-profile] [--no-micro]
+        [--llama none|layers|full] [--no-profile] [--no-micro]
 
 Sections (all on the same synthetic Qwen3-0.6B-shaped pair, built and cached in
 WORKDIR/pairs by mergekit_timber.testing.synthetic):
 
-1. Kernel routes: every candidate way of computing Timber on one matrix, timed and
-   compared with the float64-SVD oracle (deviation = ||out - oracle||_F /
+1. Kernel routes (scripts/bench_routes.py): every candidate way of computing Timber
+   on one matrix, timed and compared with the float64-SVD oracle (deviation = ||out - oracle||_F /
    ||oracle - W_I||_F, K vs the oracle's K) on the pair's Qwen3-0.6B tensors, on
    Llama-3.1-8B shapes (same synthetic delta recipe), and on a 1/i and an 8-decade
    spectrum. Exact means deviation <= 1e-6 and the same K, on every case.
 2. Micro-benchmarks of the pieces (Gram variants, eigen-solver variants, threads),
-   in a separate process.
+   in a separate process (scripts/bench_micro.py; needs SciPy).
 3. End to end: `mergekit-yaml` with `merge_method: timber` (lambda 0.2) at --layers
    and at --small-layers, against scripts/naive_timber.py (the authors' approach),
    each job in its own process under /usr/bin/time -v (wall time, peak RSS) with the
    process tree's RSS also polled (anonymous vs file-backed). Prints the ratios and
-   the issue's targets beside them; it never asserts them. Checks that the timber and
+   the project's speed and memory targets beside them; it never asserts them. Checks that the timber and
    naive outputs agree (fraction of differing bf16 elements). A passthrough merge of
    the same pair measures what mergekit itself costs (imports, reading, writing).
 4. The floor: per tensor of layer 0 and the embedding, the kernel's time beside the
    float64 work exactness needs on this route (delta + Gram, eigh, rebuild GEMMs);
    with mergekit's own cost, the best wall time this route can reach here and the
-   largest speed-up over the naive baseline it allows.
-5. Optionally a profile of a --small-layers merge (where the time goes).
+   largest speed-up over the naive baseline it allows (scripts/bench_floor.py).
+5. Optionally a profile of a --small-layers merge (where the time goes;
+   scripts/bench_profile.py).
 
 Timings are wall-clock on whatever else the machine is running: the load average and
 CPU pressure before and after are printed with the machine.
@@ -46,16 +47,17 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from naive_timber import erank_k  # the baseline's K = ceil(eRank), shared (scripts/ is on sys.path)
+from bench_routes import ROUTES  # scripts/ is on sys.path when this file runs
+from mergekit_timber.checkpoint import Checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-NAIVE = REPO / "scripts" / "naive_timber.py"
+SCRIPTS = Path(__file__).resolve().parent
+NAIVE = SCRIPTS / "naive_timber.py"
 LAMBDA = 0.2
-EXACT = 1e-6  # the issue's bar: deviation <= 1e-6 of the edit's norm
+EXACT = 1e-6  # the exactness bar: deviation <= 1e-6 of the edit's norm
 
 LLAMA_3_1_8B = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
 
@@ -144,173 +146,11 @@ def ensure_pair(workdir: Path, layers: int) -> Tuple[Path, Path]:
 
 
 def open_pair_tensor(model_dir: Path, name: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    index = model_dir / "model.safetensors.index.json"
-    fname = json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors"
-    with safe_open(str(model_dir / fname), "pt") as f:
-        return f.get_tensor(name)
+    with Checkpoint(model_dir, "model") as checkpoint:
+        return checkpoint.tensor(name)
 
 
 # =========================================================================== kernel routes
-
-
-def _tall(t):
-    return t.T if t.shape[0] < t.shape[1] else t
-
-
-def _project(b64, i64, d, v_desc, k, lam, dtype=torch.float64):
-    """W_out from the right singular vectors (descending), via the smaller of head/tail.
-
-    `d` is the delta in `dtype` (the route's working precision); the update is computed
-    in that precision and added to the float64 inputs.
-    """
-    n = v_desc.shape[1]
-    if n - k <= k:
-        cols = v_desc[:, k:].to(dtype)
-        upd = (d @ cols) @ cols.T
-        return i64 - (1 - lam) * upd.double()
-    cols = v_desc[:, :k].to(dtype)
-    upd = (d @ cols) @ cols.T
-    return b64 + lam * d.double() + (1 - lam) * upd.double()
-
-
-def route_svd64(b, i, lam):
-    d = i.double() - b.double()
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    k = erank_k(s)
-    s2 = s.clone()
-    s2[k:] *= lam
-    return b.double() + (u * s2) @ vh, k
-
-
-def route_kernel(b, i, lam):
-    from mergekit_timber.kernel import refine_stack
-
-    r = refine_stack(b[None], i[None], lam, out_dtype=torch.float64)
-    return r.tensor[0], int(r.k[0])
-
-
-def route_fast(b, i, lam):
-    from fast_route import refine_stack_fast
-
-    r = refine_stack_fast(b[None], i[None], lam, out_dtype=torch.float64)
-    return r.tensor[0], int(r.k[0])
-
-
-def route_svd32(b, i, lam):
-    d = (i.double() - b.double()).float()
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    k = erank_k(s)
-    s2 = s.clone()
-    s2[k:] *= lam
-    return b.double() + ((u * s2) @ vh).double(), k
-
-
-def route_gram32(b, i, lam):
-    bt, it = _tall(b), _tall(i)
-    d = (it.double() - bt.double()).float()
-    ev, vec = torch.linalg.eigh(d.T @ d)
-    s = ev.flip(-1).clamp_min(0).sqrt()
-    k = erank_k(s)
-    out = _project(bt.double(), it.double(), d, vec.flip(-1), k, lam, torch.float32)
-    return (out.T if b.shape[0] < b.shape[1] else out), k
-
-
-def route_qr_svd(b, i, lam):
-    bt, it = _tall(b), _tall(i)
-    d = it.double() - bt.double()
-    _, r = torch.linalg.qr(d, mode="r")
-    _, s, vh = torch.linalg.svd(r)
-    k = erank_k(s)
-    out = _project(bt.double(), it.double(), d, vh.T, k, lam)
-    return (out.T if b.shape[0] < b.shape[1] else out), k
-
-
-def route_evr_subset(b, i, lam):
-    """gram64 + eigvalsh (K) + scipy eigh(subset_by_index, driver='evr') for the needed side."""
-    import scipy.linalg as sl
-
-    from fast_route import openblas_threads
-
-    bt, it = _tall(b), _tall(i)
-    d = it.double() - bt.double()
-    g = d.T @ d
-    n = g.shape[0]
-    ev = torch.linalg.eigvalsh(g)
-    floor = ev[-1].clamp_min(0) * n * torch.finfo(torch.float64).eps
-    s = torch.where(ev > floor, ev, torch.zeros_like(ev)).flip(-1).sqrt()
-    k = erank_k(s)
-    tail = n - k <= k
-    lo, hi = (0, n - k - 1) if tail else (n - k, n - 1)  # ascending indices
-    if hi < lo:
-        vec = torch.zeros(n, 0, dtype=torch.float64)
-    else:
-        with openblas_threads(1):
-            _, vec = sl.eigh(g.numpy(), subset_by_index=[lo, hi], driver="evr")
-        vec = torch.from_numpy(vec)
-    vec = vec.flip(-1)  # descending within the subset
-    v_desc = torch.zeros(n, n, dtype=torch.float64)
-    if tail:
-        v_desc[:, k:] = vec
-    else:
-        v_desc[:, :k] = vec
-    out = _project(bt.double(), it.double(), d, v_desc, k, lam)
-    return (out.T if b.shape[0] < b.shape[1] else out), k
-
-
-def refine_eigenvectors(a: torch.Tensor, x: torch.Tensor, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Ogita-Aishima refinement (2018) of approximate eigenvectors x of symmetric a, float64.
-
-    Each step costs four n^3 GEMMs; it converges quadratically while x is accurate to
-    better than the relative gaps, and treats eigenvalues closer than its own error
-    bound as a cluster (only orthogonalising within it). Returns (eigenvalues, vectors),
-    ascending like torch.linalg.eigh.
-    """
-    n = a.shape[0]
-    eye = torch.eye(n, dtype=torch.float64)
-    for _ in range(steps):
-        r = eye - x.T @ x
-        s = x.T @ (a @ x)
-        lam = torch.diagonal(s) / (1 - torch.diagonal(r))
-        # The paper's bound with cheap norms: Frobenius for the 2-norms of the residuals
-        # (an upper bound), the largest |eigenvalue| for ||a||_2.
-        delta = 2 * (torch.linalg.norm(s - torch.diag(lam)) + lam.abs().max() * torch.linalg.norm(r))
-        gaps = lam[None, :] - lam[:, None]
-        far = gaps.abs() > delta
-        e = torch.where(far, (s + lam[None, :] * r) / torch.where(far, gaps, torch.ones_like(gaps)), r / 2)
-        x = x + x @ e
-    return (torch.diagonal(x.T @ (a @ x)), x)
-
-
-def route_mixed(b, i, lam, steps=2):
-    """float64 Gram, float32 eigh, then `steps` float64 refinement steps of the vectors."""
-    bt, it = _tall(b), _tall(i)
-    d = it.double() - bt.double()
-    g = d.T @ d
-    _, vec32 = torch.linalg.eigh(g.float())
-    ev, vec = refine_eigenvectors(g, vec32.double(), steps)
-    order = torch.argsort(ev, descending=True)
-    ev, vec = ev[order], vec[:, order]
-    n = g.shape[0]
-    floor = ev[0].clamp_min(0) * n * torch.finfo(torch.float64).eps
-    s = torch.where(ev > floor, ev, torch.zeros_like(ev)).sqrt()
-    k = erank_k(s)
-    out = _project(bt.double(), it.double(), d, vec, k, lam)
-    return (out.T if b.shape[0] < b.shape[1] else out), k
-
-
-ROUTES: Dict[str, Tuple[str, Callable]] = {
-    "svd64": ("float64 full SVD (oracle; the authors' decomposition)", route_svd64),
-    "kernel": ("current kernel: float64 Gram (GEMM) + torch.linalg.eigh", route_kernel),
-    "fast": ("fast_route.refine_stack_fast: float64 Gram + dsytrd/dstevd + partial back-transform", route_fast),
-    "evr": ("float64 Gram + eigvalsh for K + scipy eigh(subset, driver=evr)", route_evr_subset),
-    "qr+svd": ("float64 QR of D, then SVD of R", route_qr_svd),
-    "mixed": ("float64 Gram + float32 eigh + 2 float64 Ogita-Aishima refinement steps", route_mixed),
-    "svd32": ("float32 full SVD", route_svd32),
-    "gram32": ("float32 Gram + float32 eigh (+ float32 projection)", route_gram32),
-}
-# Off CPU, `evr` (SciPy) is skipped and `fast` takes its torch fallback (Gram + eigh).
 
 
 def decay_pair(m: int, n: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -423,7 +263,7 @@ def run_kernel_table(args, small_pair) -> List[str]:
         results = {}
         oracle = None
         for r in routes:
-            if huge and r not in ("kernel", "fast"):
+            if huge and r != "kernel":
                 continue  # a 128256x4096 float64 SVD takes tens of minutes here and ~20 GB
             times = []
             out = k = None
@@ -440,16 +280,9 @@ def run_kernel_table(args, small_pair) -> List[str]:
             elif oracle is not None:
                 edit = float((oracle - i.double()).norm())
                 results[r]["dev"] = float((out - oracle).norm()) / max(edit, 1e-300)
-            elif huge and r == "fast" and "kernel_out" in results:
-                edit = float((results["kernel_out"] - i.double()).norm())
-                results[r]["dev_vs_kernel"] = float((out - results["kernel_out"]).norm()) / max(edit, 1e-300)
-            if huge and r == "kernel":
-                results["kernel_out"] = out
-            else:
-                del out
+            del out
             out = None
             log(f"    {r:8s} {min(times):8.3f}s" + (f"  dev {results[r].get('dev', 0):.1e}" if "dev" in results[r] else ""))
-        results.pop("kernel_out", None)
         del oracle
         k_or = results.get("svd64", {}).get("k")
         t_or = results.get("svd64", {}).get("time")
@@ -463,8 +296,6 @@ def run_kernel_table(args, small_pair) -> List[str]:
                 dev_s = "0 (oracle)"
             elif dev is not None:
                 dev_s = f"{dev:.1e}"
-            elif "dev_vs_kernel" in res:
-                dev_s = f"{res['dev_vs_kernel']:.1e} vs kernel (no oracle)"
             else:
                 dev_s = "n/a"
             kk = f"{res['k']}" + ("" if k_or is None else f" ({'=' if res['k'] == k_or else '!= '}{k_or})")
@@ -512,82 +343,6 @@ def run_kernel_table(args, small_pair) -> List[str]:
 # =========================================================================== micro
 
 
-MICRO_CODE = r"""
-import json, statistics, sys, time, torch
-import numpy as np
-sys.path.insert(0, {repo!r} + '/scripts')
-import fast_route as routes
-from scipy.linalg import blas, lapack
-import scipy.linalg as sl
-base, inst, emb_b, emb_i = torch.load({pt!r})
-d = inst.double() - base.double()
-m, n = d.shape
-reps = {reps}
-rows = []
-def T(label, fn, r=reps):
-    ts = []
-    for _ in range(r):
-        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
-    rows.append((label, min(ts), statistics.median(ts)))
-    print(label, min(ts), file=sys.stderr, flush=True)
-def gram_blocks():
-    h = n // 2; a1, a2 = d[:, :h], d[:, h:]
-    g = torch.empty(n, n, dtype=torch.float64)
-    g[:h, :h] = a1.T @ a1; g[:h, h:] = a1.T @ a2; g[h:, h:] = a2.T @ a2; g[h:, :h] = g[:h, h:].T
-    return g
-def syrk():
-    return blas.dsyrk(1.0, d.numpy().T, trans=0, lower=0)
-f32 = d.float()
-g = d.T @ d
-gn = g.numpy()
-ev = torch.linalg.eigvalsh(g)
-w = n // 2
-T(f"Gram {{m}}x{{n}}: torch d.T @ d (float64 GEMM, 2 threads)", lambda: d.T @ d)
-T(f"Gram {{m}}x{{n}}: torch d.T.contiguous() @ d", lambda: d.T.contiguous() @ d)
-T(f"Gram {{m}}x{{n}}: torch 2-block symmetric (3/4 of the flops)", gram_blocks)
-from mergekit_timber import kernel as K
-def gram_panels():
-    g = torch.zeros(1, n, n, dtype=torch.float64); K._add_gram(g, d[None]); K._fill_gram(g); return g
-T(f"Gram {{m}}x{{n}}: the kernel's row panels ((p+1)/2p of the flops, p={{len(K._panel_bounds(n)) - 1}})", gram_panels)
-with routes.openblas_threads(1):
-    T(f"Gram {{m}}x{{n}}: scipy dsyrk, OpenBLAS 1 thread (half the flops)", syrk)
-T(f"Gram {{m}}x{{n}}: float32 GEMM (reference; not exact)", lambda: f32.T @ f32)
-torch.set_num_threads(1)
-T(f"Gram {{m}}x{{n}}: torch GEMM, 1 thread", lambda: d.T @ d)
-T(f"eigh n={{n}}: torch.linalg.eigh, 1 thread", lambda: torch.linalg.eigh(g))
-torch.set_num_threads(2)
-T(f"eigh n={{n}}: torch.linalg.eigh (MKL syevd, 2 threads)", lambda: torch.linalg.eigh(g))
-T(f"eigh n={{n}}: torch.linalg.eigvalsh (values only)", lambda: torch.linalg.eigvalsh(g))
-with routes.openblas_threads(1):
-    T(f"eigh n={{n}}: scipy eigh driver=evd (OpenBLAS 1 thread)", lambda: sl.eigh(gn, driver="evd"))
-    T(f"eigh n={{n}}: scipy eigh driver=evr, all vectors", lambda: sl.eigh(gn, driver="evr"))
-    T(f"eigh n={{n}}: scipy eigh driver=evr, subset of {{w}} vectors", lambda: sl.eigh(gn, driver="evr", subset_by_index=[0, w - 1]))
-    lw = int(lapack.dsytrd_lwork(n, lower=1)[0])
-    T(f"eigh n={{n}}: dsytrd only (tridiagonalisation, 1 thread)", lambda: lapack.dsytrd(gn, lower=1, lwork=lw))
-    c, dd, e, tau, _ = lapack.dsytrd(gn, lower=1, lwork=lw)
-    T(f"eigh n={{n}}: dstevd on the tridiagonal (all values + vectors)", lambda: lapack.dstevd(dd, e, compute_v=1))
-    T(f"eigh n={{n}}: dsterf on the tridiagonal (values only)", lambda: lapack.dsterf(dd, e))
-    eig = routes._Tridiagonal(g.clone())
-    T(f"eigh n={{n}}: back-transform {{w}} vectors (torch.ormqr)", lambda: eig.vectors(torch.arange(w)))
-T(f"eigh n={{n}}: fast route total (dsytrd + dstevd + {{w}}-vector back-transform)", lambda: routes._Tridiagonal(g.clone()).vectors(torch.arange(w)))
-ed = None
-def emb_gram(use_scipy):
-    return routes.gram64(emb_b, emb_i, use_scipy=use_scipy)
-T(f"Gram {{emb_b.shape[0]}}x{{emb_b.shape[1]}} (embedding, the kernel's row chunks): torch GEMM", lambda: emb_gram(False), 2)
-T(f"Gram {{emb_b.shape[0]}}x{{emb_b.shape[1]}} (embedding, the kernel's row chunks): dsyrk 1 thread", lambda: emb_gram(True), 2)
-# Last, because OpenBLAS threads keep spinning after a threaded call:
-with routes.openblas_threads(2):
-    T(f"Gram {{m}}x{{n}}: scipy dsyrk, OpenBLAS 2 threads", syrk)
-    lapack.dsytrd(gn, lower=1, lwork=lw)
-    T(f"eigh n={{n}}: dsytrd, OpenBLAS 2 threads", lambda: lapack.dsytrd(gn, lower=1, lwork=lw))
-    def after():
-        blas.dsyrk(1.0, d.numpy()[:512].T, trans=0, lower=0)
-        torch.linalg.eigh(g)
-    T(f"eigh n={{n}}: torch.linalg.eigh right after a 2-thread OpenBLAS call (spin contention)", after)
-print(json.dumps(rows))
-"""
-
-
 def run_micro(args, small_pair) -> List[str]:
     if small_pair is None:
         return []
@@ -603,9 +358,9 @@ def run_micro(args, small_pair) -> List[str]:
         ],
         pt,
     )
-    code = MICRO_CODE.format(repo=str(REPO), pt=str(pt), reps=args.repeats + 2)
     log("[micro] Gram / eigen pieces in a separate process ...")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_micro.py"), str(pt), str(args.repeats + 2)],
+                          capture_output=True, text=True)  # fmt: skip
     pt.unlink(missing_ok=True)
     if proc.returncode != 0:
         return ["## Micro-benchmarks", "", "failed:", "```", proc.stderr[-3000:], "```"]
@@ -626,45 +381,6 @@ def run_micro(args, small_pair) -> List[str]:
 # =========================================================================== floor
 
 
-FLOOR_CODE = r"""
-import json, sys, time, torch
-from pathlib import Path
-sys.path.insert(0, {scripts!r})
-from benchmark import open_pair_tensor
-from mergekit_timber import kernel
-from mergekit_timber.method import as_matrix_stack
-base_dir, inst_dir, names = Path({base!r}), Path({inst!r}), {names!r}
-def get(model_dir, name):
-    return open_pair_tensor(model_dir, name).clone()  # in memory: no page faults timed
-def best(fn, reps):
-    times, out = [], None
-    for _ in range(reps):
-        t0 = time.perf_counter(); out = fn(); times.append(time.perf_counter() - t0)
-    return min(times), out
-rows = []
-for name, reps in names:
-    b, i = get(base_dir, name), get(inst_dir, name)
-    sb, si = as_matrix_stack(name, b), as_matrix_stack(name, i)
-    tb, ti = kernel._as_tall(sb), kernel._as_tall(si)
-    t_kernel, _ = best(lambda: kernel.refine_stack(sb, si, {lam}), reps)
-    t_gram, (gram, cached) = best(lambda: kernel._gram(tb, ti), reps)
-    t_eigh, (evals, vecs) = best(lambda: torch.linalg.eigh(gram), reps)
-    k = int(kernel.head_size(kernel._singular_from_eigenvalues(evals.flip(-1)))[0])
-    n = gram.shape[-1]
-    vecs = vecs.flip(-1)
-    cols = vecs[..., k:] if n - k <= k else vecs[..., :k]
-    cols_t = cols.transpose(-1, -2)
-    def rebuild():
-        for rows_ in kernel._row_chunks(tb.shape):
-            d = cached if cached is not None else kernel._delta64(tb, ti, rows_)
-            (d @ cols) @ cols_t
-    t_rebuild, _ = best(rebuild, reps)
-    rows.append(dict(name=name, shape=list(b.shape), k=k, width=cols.shape[-1], kernel=t_kernel,
-                     gram=t_gram, eigh=t_eigh, rebuild=t_rebuild))
-    print(name, rows[-1], file=sys.stderr, flush=True)
-print(json.dumps(rows))
-"""
-
 LAYER_MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
 
@@ -672,17 +388,14 @@ LAYER_MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "s
 def measure_floor(args, pair: Tuple[Path, Path]) -> Optional[List[dict]]:
     """Per-tensor kernel time and its irreducible parts, for layer 0 and the embedding.
 
-    In a separate process, inputs copied into memory first (no page faults timed):
-    `kernel` = kernel.refine_stack as the merge calls it; `gram` = the float64 delta and
-    its Gram (panel GEMMs); `eigh` = torch.linalg.eigh of the Gram; `rebuild` = the two
-    GEMMs D V_w V_w^T of the smaller of head and tail (width w). gram + eigh + rebuild
-    is the floor of this route: what remains of the kernel is adds, casts and copies.
+    See scripts/bench_floor.py. gram + eigh + rebuild is the floor of this route: what
+    remains of the kernel is adds, casts and copies.
     """
-    names = [(f"model.layers.0.{m}.weight", args.repeats) for m in LAYER_MATRICES]
-    names.append(("model.embed_tokens.weight", 1))
-    code = FLOOR_CODE.format(scripts=str(REPO / "scripts"), base=str(pair[0]), inst=str(pair[1]), names=names, lam=LAMBDA)
+    names = [f"model.layers.0.{m}.weight:{args.repeats}" for m in LAYER_MATRICES]
+    names.append("model.embed_tokens.weight:1")
     log("[floor] kernel pieces per tensor (layer 0 and the embedding) in a separate process ...")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_floor.py"), str(pair[0]), str(pair[1]), str(LAMBDA), *names],
+                          capture_output=True, text=True)  # fmt: skip
     if proc.returncode != 0:
         log(proc.stderr[-3000:])
         return None
@@ -690,7 +403,7 @@ def measure_floor(args, pair: Tuple[Path, Path]) -> Optional[List[dict]]:
 
 
 def floor_lines(floor: List[dict], layers: int, res: Dict[str, dict], naive_layers: Optional[int]) -> List[str]:
-    """The floor table and what it implies for the issue's speed targets."""
+    """The floor table and what it implies for the project's speed targets."""
     def total(field: str, n_layers: int) -> float:
         return sum(r[field] * (1 if ".layers." not in r["name"] else n_layers) for r in floor)
 
@@ -863,51 +576,30 @@ def write_yaml(path: Path, base: Path, inst: Path) -> Path:
     return write_timber_yaml(path, base, inst, method="timber", lambda_=LAMBDA)
 
 
-PREVIEW = (
-    f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-    "import mergekit_timber.method as m, fast_route as r; "
-    "m.refine_stack = r.refine_stack_fast; "
-    "from mergekit.scripts.run_yaml import main; sys.argv = ['mergekit-yaml'] + sys.argv[1:]; main()"
-)
-
-
 SWEEP_LAMBDAS = "0,0.2,0.5,0.8"
 
 
-def mergekit_cmd(args, cfg: Path, out: Path, preview: bool = False) -> List[str]:
+def mergekit_cmd(args, cfg: Path, out: Path) -> List[str]:
     extra = ["--quiet"] + (["--out-shard-size", args.out_shard_size] if args.out_shard_size else [])
     if args.device != "cpu":
         extra += ["--device", args.device]
-    if preview:
-        return [sys.executable, "-c", PREVIEW, str(cfg), str(out)] + extra
     exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
     return [exe, str(cfg), str(out)] + extra
 
 
-def weight_files(model_dir: Path) -> Dict[str, Path]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = f
-    return out
-
-
 def compare_outputs(a_dir: Path, b_dir: Path) -> dict:
-    from safetensors import safe_open
+    with Checkpoint(a_dir, "output") as a, Checkpoint(b_dir, "output") as b:
+        return _compare(a, b)
 
-    fa, fb = weight_files(a_dir), weight_files(b_dir)
-    common = sorted(set(fa) & set(fb))
+
+def _compare(a: Checkpoint, b: Checkpoint) -> dict:
+    fa, fb = set(a.names()), set(b.names())
+    common = sorted(fa & fb)
     total = diff = 0
     worst = (0.0, "")
     maxabs = 0.0
     for k in common:
-        with safe_open(str(fa[k]), "pt") as h:
-            x = h.get_tensor(k)
-        with safe_open(str(fb[k]), "pt") as h:
-            y = h.get_tensor(k)
+        x, y = a.tensor(k), b.tensor(k)
         if x.shape != y.shape:
             return dict(error=f"{k}: shapes {tuple(x.shape)} vs {tuple(y.shape)}")
         nd = int((x != y).sum())
@@ -959,9 +651,9 @@ def run_e2e(args, workdir: Path) -> List[str]:
         best["walls"] = [r["wall"] for r in runs]
         return best
 
-    def timber(L, preview=False):
-        key = f"timber{'-fast' if preview else ''} L{L}"
-        res[key] = best_of(key, mergekit_cmd(args, cfgs[L], outdir / key.replace(" ", "_"), preview))
+    def timber(L):
+        key = f"timber L{L}"
+        res[key] = best_of(key, mergekit_cmd(args, cfgs[L], outdir / key.replace(" ", "_")))
         res[key]["layers"] = L
 
     def naive(L):
@@ -982,7 +674,7 @@ def run_e2e(args, workdir: Path) -> List[str]:
         res[key]["layers"] = L
 
     def sweep(L):
-        # Issue 4's target: 4 lambdas from one pass cost at most 1.3x one merge.
+        # The sweep's target: 4 lambdas from one pass cost at most 1.3x one merge.
         key = f"sweep-4 L{L}"
         exe = shutil.which("mergekit-timber") or str(Path(sys.executable).parent / "mergekit-timber")
         cmd = [exe, "sweep", str(cfgs[L]), str(outdir / key.replace(" ", "_")), "--lambdas", SWEEP_LAMBDAS,
@@ -1014,18 +706,12 @@ def run_e2e(args, workdir: Path) -> List[str]:
                     f"{args.naive_budget / 60:.0f} min, --naive-budget); the naive-vs-timber ratios below "
                     f"compare the {S}-layer runs, like with like."
                 )
-    if not args.no_preview:
-        timber(N, preview=True)
-        if N != S:
-            timber(S, preview=True)
 
     # ---- agreement
     agree_lines = []
     pairs_to_check = []
     if naive_layers is not None:
         pairs_to_check.append((f"timber L{naive_layers}", f"naive L{naive_layers}"))
-    if not args.no_preview:
-        pairs_to_check.append((f"timber L{N}", f"timber-fast L{N}"))
     for a, b in pairs_to_check:
         if res.get(a, {}).get("rc") != 0 or res.get(b, {}).get("rc") != 0:
             agree_lines.append(f"| {a} vs {b} | a run failed | | | |")
@@ -1061,9 +747,7 @@ def run_e2e(args, workdir: Path) -> List[str]:
         + ".",
         "`timber` = `mergekit-yaml CONFIG OUT --quiet"
         + (f" --out-shard-size {args.out_shard_size}" if args.out_shard_size else "")
-        + "` (otherwise mergekit's defaults); `timber-fast` = the same run with method.refine_stack replaced by "
-        "routes.refine_stack_fast (a preview of the proposed kernel route, not what ships); "
-        "`naive` = scripts/naive_timber.py.",
+        + "` (otherwise mergekit's defaults); `naive` = scripts/naive_timber.py.",
         "",
         "| job | layers | wall s | peak RSS MB | peak anon MB | peak file MB | exit |",
         "|---|---|---|---|---|---|---|",
@@ -1074,7 +758,7 @@ def run_e2e(args, workdir: Path) -> List[str]:
             f"| {key.split()[0]} | {r['layers']} | {r['wall']:.1f}{walls} | {mb(r['maxrss_kb'])} | "
             f"{mb(r['anon_kb'])} | {mb(r['file_kb'])} | {r['rc']} |"
         )
-    lines += ["", *notes, "", "### Ratios (targets from the issue; printed, not asserted)", "",
+    lines += ["", *notes, "", "### Ratios (the project's targets; printed, not asserted)", "",
               "| ratio | value | target | met |", "|---|---|---|---|"]  # fmt: skip
 
     def ratio_row(name, num, den, target, good):
@@ -1088,7 +772,7 @@ def run_e2e(args, workdir: Path) -> List[str]:
         r = res.get(key)
         return None if r is None or r["rc"] != 0 else r.get(field)
 
-    for variant in ["timber"] + ([] if args.no_preview else ["timber-fast"]):
+    for variant in ["timber"]:
         if naive_layers is not None:
             L = naive_layers
             ratio_row(f"naive wall / {variant} wall ({L} layers)", g(f"naive L{L}", "wall"),
@@ -1108,9 +792,6 @@ def run_e2e(args, workdir: Path) -> List[str]:
     if not args.no_sweep:
         ratio_row(f"sweep of 4 lambdas wall / one timber merge wall ({N} layers)", g(f"sweep-4 L{N}", "wall"),
                   g(f"timber L{N}", "wall"), "<= 1.3", lambda v: v <= 1.3)  # fmt: skip
-    if not args.no_preview:
-        ratio_row(f"timber wall / timber-fast wall ({N} layers)", g(f"timber L{N}", "wall"),
-                  g(f"timber-fast L{N}", "wall"), "(speed-up of the route)", lambda v: v > 1)  # fmt: skip
     if floor:
         lines += ["", *floor_lines(floor, N, res, naive_layers)]
     if agree_lines:
@@ -1123,45 +804,6 @@ def run_e2e(args, workdir: Path) -> List[str]:
 # =========================================================================== profile
 
 
-PROFILE_CODE = r"""
-import cProfile, pstats, sys, io, json
-sys.argv = ['mergekit-yaml', {cfg!r}, {out!r}, '--quiet']
-from mergekit.scripts.run_yaml import main
-pr = cProfile.Profile()
-pr.enable()
-try:
-    main()
-except SystemExit:
-    pass
-pr.disable()
-st = pstats.Stats(pr)
-want = {{
-  'run_merge (everything)': ('merge.py', 'run_merge'),
-  'tensor loading (LazyTensorLoader.get_tensor)': ('lazy_tensor_loader.py', 'get_tensor'),
-  'output writing (TensorWriter.finalize)': ('tensor_writer.py', 'finalize'),
-  'torch.linalg.eigh (builtin)': ('~', "<built-in method torch._C._linalg.linalg_eigh>"),
-}}
-rows = []
-def add(label, f, fn):
-    tot = 0.0; calls = 0
-    for (file, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
-        if func == fn and (f == '~' or file.endswith(f)):
-            tot += ct; calls += nc
-    if calls:
-        rows.append((label, tot, calls))
-for label, (f, fn) in want.items():
-    add(label, f, fn)
-# every function of the plugin (names change as the kernel evolves), by cumulative time
-mine = []
-for (file, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
-    if '/mergekit_timber/' in file and ct > 0.01:
-        mine.append((f"mergekit_timber/{{file.split('/mergekit_timber/')[-1]}}:{{func}}", ct, nc))
-mine.sort(key=lambda r: -r[1])
-rows += mine[:14]
-print(json.dumps(rows))
-"""
-
-
 def run_profile(args, workdir: Path) -> List[str]:
     S = args.small_layers
     pair = ensure_pair(workdir, S)
@@ -1170,7 +812,7 @@ def run_profile(args, workdir: Path) -> List[str]:
     shutil.rmtree(out, ignore_errors=True)
     log(f"[profile] cProfile of a {S}-layer timber merge ...")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PROFILE_CODE.format(cfg=str(cfg), out=str(out))],
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_profile.py"), str(cfg), str(out)],
                           capture_output=True, text=True)  # fmt: skip
     wall = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
@@ -1219,7 +861,6 @@ def main(argv=None) -> int:
                     "full (also down_proj and the 128256x4096 embedding, the latter without oracle)")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats (best of) for small matrices")
     ap.add_argument("--no-sweep", action="store_true", help="skip the 4-lambda sweep vs one merge")
-    ap.add_argument("--no-preview", action="store_true", help="skip the timber-fast (routes) end-to-end preview runs")
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile of a small merge")
     ap.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor (kernel pieces per tensor) table")

@@ -58,8 +58,3 @@ def load_dir(model_dir: Path) -> dict:
 
 def config_of(model_dir: Path) -> dict:
     return json.loads((Path(model_dir) / "config.json").read_text())
-
-
-def mismatch_fraction(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Fraction of elements that differ after rounding `want` to got's dtype."""
-    return float((got != want.to(got.dtype)).float().mean())

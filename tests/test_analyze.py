@@ -219,9 +219,23 @@ def test_moe_one_row_per_expert_and_projection(pairs, tmp_path):
     assert {r["tensor"] for r in experts if r["module"] == "experts.up_proj"} == {
         f"model.layers.{i}.mlp.experts.gate_up_proj" for i in (0, 1)
     }
-    assert "[expert" in result.stdout or "expert" not in result.stdout
     for png in PLOTS:
         assert (out / png).stat().st_size > 0
+
+    # The table of lowest realized edits names expert matrices by expert (and projection).
+    result = invoke(base_dir, instruct_dir, "-o", tmp_path / "experts", "--lambda", "0.5", "--filter", "experts")
+    assert result.exit_code == 0, result.output
+    rows = [r for r in read_csv(tmp_path / "experts" / "erank.csv") if not math.isnan(r["realized_edit"])]
+    lowest = sorted(rows, key=lambda r: r["realized_edit"])[:5]
+    assert all(r["expert"] is not None for r in lowest)
+
+    def label(r):
+        proj = r["module"].split(".")[-1]
+        fused = r["tensor"].endswith("gate_up_proj")
+        return f"{r['tensor']} [expert {r['expert']}" + (f", {proj}]" if fused else "]")
+
+    table = result.stdout.split("Lowest realized edit (5):")[1].strip().splitlines()[1:]
+    assert [line.split(None, 2)[2] for line in table] == [label(r) for r in lowest]
 
 
 def rows_of(pair):

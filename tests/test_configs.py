@@ -19,17 +19,27 @@ from mergekit_timber.testing.synthetic import write_pair
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yml")) + sorted(CONFIGS.glob("*.yaml"))
 
-# Paper Table 5 (average of 5 tasks): base model -> (Instruct, lambda=0, 0.2, 0.5, 0.8).
-TABLE5 = {
-    "meta-llama/Llama-3.2-1B": (27.60, 28.56, 28.32, 27.91, 27.69),
-    "meta-llama/Llama-3.2-3B": (46.19, 46.41, 46.23, 46.57, 46.49),
-    "meta-llama/Llama-3.1-8B": (53.52, 54.89, 55.23, 53.84, 53.16),
-    "Qwen/Qwen3-0.6B-Base": (43.57, 43.74, 43.86, 43.92, 44.83),
-    "Qwen/Qwen3-8B-Base": (74.09, 74.39, 74.84, 74.46, 74.12),
-    "Qwen/Qwen3-14B-Base": (76.86, 77.60, 77.66, 77.31, 77.43),
-    "Qwen/Qwen3-30B-A3B-Base": (76.67, 77.12, 76.82, 77.19, 77.19),
-}
 LAMBDAS = (0.0, 0.2, 0.5, 0.8)
+TABLE5_FILE = Path(__file__).resolve().parent / "data" / "paper_table5.md"
+
+
+def read_table5(path=TABLE5_FILE):
+    """{base Hub id: (Instruct, lambda=0, 0.2, 0.5, 0.8)} and {base Hub id: bold lambdas}
+    from the copy of the paper's Table 5 (a markdown table, best of a row in bold)."""
+    scores, bold = {}, {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 6 or not re.fullmatch(r"\**\d+\.\d+\**", cells[1]):
+            continue
+        base = cells[0].split(" -> ")[0]
+        base = ("meta-llama/" if base.startswith("Llama") else "Qwen/") + base
+        scores[base] = tuple(float(c.strip("*")) for c in cells[1:])
+        bold[base] = {lam for lam, c in zip(LAMBDAS, cells[2:]) if c.startswith("**")}
+    return scores, bold
+
+
+TABLE5, TABLE5_BOLD = read_table5()
+
 PAPER_RECIPES = {
     "llama-3.2-1b.yml": ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct"),
     "llama-3.2-3b.yml": ("meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct"),
@@ -175,17 +185,12 @@ def test_paper_recipe_uses_the_best_lambda_of_table_5(name):
     assert doc["dtype"] == doc["out_dtype"] == "bfloat16"
 
 
-def test_table_5_here_matches_the_spec():
-    spec = Path("/work/shared/SPEC.md")
-    if not spec.is_file():
-        pytest.skip("SPEC.md not available")
-    rows = {}
-    for line in spec.read_text().splitlines():
-        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
-        if len(cells) == 6 and re.fullmatch(r"\d+\.\d+", cells[1]):
-            rows[cells[0]] = tuple(float(c) for c in cells[1:])
-    assert len(rows) == len(TABLE5)
-    assert sorted(rows.values()) == sorted(TABLE5.values())
+def test_table_5_copy_reads_whole_and_its_bold_marks_the_best_lambda():
+    assert set(TABLE5) == {base for base, _ in PAPER_RECIPES.values()}
+    for base, row in TABLE5.items():
+        assert len(row) == 5, base
+        assert best_lambda(row) in TABLE5_BOLD[base], base
+        assert TABLE5_BOLD[base] == {lam for lam, v in zip(LAMBDAS, row[1:]) if v == max(row[1:])}, base
 
 
 def test_30b_a3b_tie_is_documented():

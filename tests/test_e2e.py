@@ -5,17 +5,22 @@ Each merge output is compared tensor by tensor with the float64-SVD oracle
 projection, as the authors' script does.
 """
 
+import math
 import re
 
 import pytest
 import torch
 
-from helpers import config_of, load_dir, mismatch_fraction, run_cli, write_yaml
+from helpers import config_of, load_dir, run_cli, write_yaml
 from mergekit_timber.testing.synthetic import write_pair
 from oracle import timber_matrix
 
 ARCHES = ["llama", "qwen3", "qwen3_moe"]
-BF16_TOLERANCE = 1e-3  # at most 1 in 1,000 bf16 elements may differ by rounding
+# Elements of a merged tensor that may differ from the oracle rounded to the output dtype
+# (a float64 result within ~1e-11 of a rounding boundary): measured, 0 of 1.16 million
+# bf16 elements over timber 0.2/0.5 and timber_l on the three tiny pairs. A tensor
+# under 100,000 elements may hold one such element.
+MISMATCH_FRACTION = 1e-5
 
 
 @pytest.fixture(scope="session")
@@ -61,11 +66,20 @@ def assert_matches(out_dir, want: dict, dtype=torch.bfloat16):
     for name, w in want.items():
         g = got[name]
         assert g.dtype == dtype, (name, g.dtype)
-        assert g.shape == w.shape, name
-        frac = mismatch_fraction(g, w)
-        assert frac <= BF16_TOLERANCE if dtype == torch.bfloat16 else torch.allclose(
-            g.double(), w.double(), rtol=1e-5, atol=1e-6
-        ), f"{name}: {frac:.2%} of elements differ"
+        assert_close_to_oracle(name, g, w)
+
+
+def assert_close_to_oracle(name, got: torch.Tensor, want: torch.Tensor) -> None:
+    """`got` is the float64 oracle `want` rounded to got's dtype, up to MISMATCH_FRACTION
+    of its elements, and no further from `want` in float64 norm than that rounding is."""
+    assert got.shape == want.shape, name
+    rounded = want.to(got.dtype)
+    differ = int((got != rounded).sum())
+    assert differ <= math.ceil(MISMATCH_FRACTION * got.numel()), f"{name}: {differ} of {got.numel()} elements differ"
+    want64 = want.to(torch.float64)
+    deviation = float((got.to(torch.float64) - want64).norm())
+    rounding = float((rounded.to(torch.float64) - want64).norm())
+    assert deviation <= 1.01 * rounding + 1e-12 * float(want64.norm()), (name, deviation, rounding)
 
 
 def merge(tmp_path, config, *extra, check=True, tool="mergekit-yaml"):
@@ -94,7 +108,7 @@ def test_cli_matches_oracle(pairs, tmp_path, arch, method, lam):
         assert "lm_head.weight" not in load_dir(out)  # tied embeddings stay tied
         assert config_of(out)["tie_word_embeddings"] is True
     card = (out / "README.md").read_text()
-    assert "mergekit-timber" in card and "pip install mergekit-timber" in card
+    assert "mergekit plugin mergekit-timber" in card and "pip install mergekit-timber" not in card
     assert "https://arxiv.org/abs/2509.23595" in card
     assert f"merge_method: {method}" in card
 
@@ -159,7 +173,7 @@ def test_out_dtype_and_float32_compute(pairs, tmp_path):
     got = load_dir(out)
     for name, w in want.items():
         assert got[name].dtype == torch.float32
-        assert mismatch_fraction(got[name].to(torch.bfloat16), w) <= BF16_TOLERANCE, name
+        assert_close_to_oracle(name, got[name].to(torch.bfloat16), w)
     # dtype: float32 keeps the whole edit at float32 precision.
     config["dtype"] = "float32"
     out2 = tmp_path / "out32"
