@@ -3,8 +3,8 @@
 
     python scripts/naive_timber.py BASE INSTRUCT OUT --lambda 0.2 [--stats FILE]
 
-Deliberately naive (SPEC, "The operation, per weight tensor"): both state dicts are
-loaded whole into memory (safetensors), every floating tensor with 2 or more
+Deliberately naive (the paper's per-tensor operation, as the authors' script runs it):
+both state dicts are loaded whole into memory (safetensors), every floating tensor with 2 or more
 dimensions is reshaped to [out, -1] and gets a float64 full `torch.linalg.svd` of its
 delta, K = ceil(eRank), the tail singular values are scaled by lambda, the tensor is
 rebuilt in float32 and cast to the base model's dtype; 1-D (and non-float) tensors are

@@ -1,4 +1,4 @@
-"""Timber written straight from the SPEC with a plain float64 SVD: the test oracle.
+"""Timber written straight from the paper (arXiv 2509.23595) with a plain float64 SVD: the test oracle.
 
 Deliberately naive and independent of mergekit_timber.kernel: full SVD, U S' V^T.
 """
@@ -27,7 +27,7 @@ def head_k(s: torch.Tensor, rule: str = "erank", value: float = None) -> int:
 
 
 def timber_matrix(wb, wi, lam, rule="erank", value=None):
-    """SPEC: D = W_I - W_B; S'_i = S_i (i <= K), lambda*S_i (i > K); W_B + U S' V^T."""
+    """The paper: D = W_I - W_B; S'_i = S_i (i <= K), lambda*S_i (i > K); W_B + U S' V^T."""
     d = wi.double() - wb.double()
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
     if float(s.sum()) == 0:

@@ -1,4 +1,4 @@
-"""The kernel against the float64-SVD oracle written from the SPEC (tests/oracle.py)."""
+"""The kernel against the float64-SVD oracle written from the paper (tests/oracle.py)."""
 
 import math
 
@@ -73,7 +73,7 @@ def test_matrix_matches_oracle(shape, kind, lam):
 
 @pytest.mark.parametrize("lam", LAMBDAS)
 def test_large_adversarial_spectra(lam):
-    # The spectra that break a float32 Gram (issue 3), at a realistic aspect ratio.
+    # The spectra that break a float32 Gram (see kernel.py), at a realistic aspect ratio.
     for kind in ("1/i", "8-decades"):
         base, instruct = _case(kind, 768, 256, seed=3)
         want, _, k = timber_matrix(base, instruct, lam)
