@@ -70,6 +70,17 @@ def openblas_threads(n: int):
         lib.scipy_openblas_set_num_threads(old)
 
 
+def _tall64(b, i):
+    """(base, instruct, delta) of a matrix pair, tall (see kernel.as_tall), in float64."""
+    bt, it = as_tall(b).double(), as_tall(i).double()
+    return bt, it, it - bt
+
+
+def _untall(out, like):
+    """`out` (tall) back in the orientation of `like`."""
+    return out.T if like.shape[0] < like.shape[1] else out
+
+
 def _project(b64, i64, d, v_desc, k, lam, dtype=torch.float64):
     """W_out from the right singular vectors (descending), via the smaller of head/tail.
 
@@ -110,31 +121,29 @@ def route_svd32(b, i, lam):
 
 
 def route_gram32(b, i, lam):
-    bt, it = as_tall(b), as_tall(i)
-    d = (it.double() - bt.double()).float()
+    bt, it, d = _tall64(b, i)
+    d = d.float()
     ev, vec = torch.linalg.eigh(d.T @ d)
     s = ev.flip(-1).clamp_min(0).sqrt()
     k = erank_k(s)
-    out = _project(bt.double(), it.double(), d, vec.flip(-1), k, lam, torch.float32)
-    return (out.T if b.shape[0] < b.shape[1] else out), k
+    out = _project(bt, it, d, vec.flip(-1), k, lam, torch.float32)
+    return _untall(out, b), k
 
 
 def route_qr_svd(b, i, lam):
-    bt, it = as_tall(b), as_tall(i)
-    d = it.double() - bt.double()
+    bt, it, d = _tall64(b, i)
     _, r = torch.linalg.qr(d, mode="r")
     _, s, vh = torch.linalg.svd(r)
     k = erank_k(s)
-    out = _project(bt.double(), it.double(), d, vh.T, k, lam)
-    return (out.T if b.shape[0] < b.shape[1] else out), k
+    out = _project(bt, it, d, vh.T, k, lam)
+    return _untall(out, b), k
 
 
 def route_evr_subset(b, i, lam):
     """gram64 + eigvalsh (K) + scipy eigh(subset_by_index, driver='evr') for the needed side."""
     import scipy.linalg as sl
 
-    bt, it = as_tall(b), as_tall(i)
-    d = it.double() - bt.double()
+    bt, it, d = _tall64(b, i)
     g = d.T @ d
     n = g.shape[0]
     s = singular_from_eigenvalues(torch.linalg.eigvalsh(g).flip(-1))
@@ -153,8 +162,8 @@ def route_evr_subset(b, i, lam):
         v_desc[:, k:] = vec
     else:
         v_desc[:, :k] = vec
-    out = _project(bt.double(), it.double(), d, v_desc, k, lam)
-    return (out.T if b.shape[0] < b.shape[1] else out), k
+    out = _project(bt, it, d, v_desc, k, lam)
+    return _untall(out, b), k
 
 
 def refine_eigenvectors(a: torch.Tensor, x: torch.Tensor, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -183,8 +192,7 @@ def refine_eigenvectors(a: torch.Tensor, x: torch.Tensor, steps: int) -> Tuple[t
 
 def route_mixed(b, i, lam, steps=2):
     """float64 Gram, float32 eigh, then `steps` float64 refinement steps of the vectors."""
-    bt, it = as_tall(b), as_tall(i)
-    d = it.double() - bt.double()
+    bt, it, d = _tall64(b, i)
     g = d.T @ d
     _, vec32 = torch.linalg.eigh(g.float())
     ev, vec = refine_eigenvectors(g, vec32.double(), steps)
@@ -192,8 +200,8 @@ def route_mixed(b, i, lam, steps=2):
     ev, vec = ev[order], vec[:, order]
     s = singular_from_eigenvalues(ev)
     k = erank_k(s)
-    out = _project(bt.double(), it.double(), d, vec, k, lam)
-    return (out.T if b.shape[0] < b.shape[1] else out), k
+    out = _project(bt, it, d, vec, k, lam)
+    return _untall(out, b), k
 
 
 ROUTES: Dict[str, Tuple[str, Callable]] = {

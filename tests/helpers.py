@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 from mergekit_timber.checkpoint import Checkpoint
@@ -58,3 +57,11 @@ def load_dir(model_dir: Path) -> dict:
 
 def config_of(model_dir: Path) -> dict:
     return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def base_config(base, instruct, method="timber", **params) -> dict:
+    """A mergekit config dict: `method` on one Base/Instruct pair, `params` global."""
+    cfg = {"merge_method": method, "base_model": str(base), "models": [{"model": str(instruct)}]}
+    if params:
+        cfg["parameters"] = params
+    return cfg

@@ -6,7 +6,7 @@ Written against `DEVICE` only, so the same checks run on any device torch offers
 import pytest
 import torch
 
-from helpers import load_dir, run_cli, write_yaml
+from helpers import base_config, load_dir, run_cli, write_yaml
 from mergekit_timber.kernel import HeadRule, refine_stack
 from mergekit_timber.testing.synthetic import write_pair
 from oracle import timber_matrix
@@ -33,10 +33,7 @@ def test_kernel_on_the_device_matches_the_oracle():
 
 def test_mergekit_yaml_on_the_device_equals_the_cpu_merge(tmp_path):
     base, instruct = write_pair(tmp_path / "pair", arch="qwen3_moe", layers=1, seed=4)
-    config = write_yaml(tmp_path / "timber.yml", {
-        "merge_method": "timber", "base_model": str(base), "models": [{"model": str(instruct)}],
-        "parameters": {"lambda": 0.2},
-    })  # fmt: skip
+    config = write_yaml(tmp_path / "timber.yml", base_config(base, instruct, **{"lambda": 0.2}))
     run_cli("mergekit-yaml", config, tmp_path / "device", "--cuda")
     run_cli("mergekit-yaml", config, tmp_path / "cpu")
     on_device, on_cpu = load_dir(tmp_path / "device"), load_dir(tmp_path / "cpu")

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from helpers import config_of, load_dir, run_cli, write_yaml
+from helpers import base_config, config_of, load_dir, run_cli, write_yaml
 from mergekit_timber.testing.synthetic import write_pair
 from oracle import timber_matrix
 
@@ -87,13 +87,6 @@ def merge(tmp_path, config, *extra, check=True, tool="mergekit-yaml"):
     out = tmp_path / "out"
     proc = run_cli(tool, cfg, out, *extra, check=check)
     return out, proc
-
-
-def base_config(base, instruct, method="timber", **params):
-    cfg = {"merge_method": method, "base_model": str(base), "models": [{"model": str(instruct)}]}
-    if params:
-        cfg["parameters"] = params
-    return cfg
 
 
 @pytest.mark.parametrize("arch", ARCHES)

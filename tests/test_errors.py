@@ -1,7 +1,6 @@
 """Bad input stops the merge with one clear line and leaves no output posing as success."""
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import run_cli, write_yaml

@@ -1,7 +1,5 @@
 """The kernel against the float64-SVD oracle written from the paper (tests/oracle.py)."""
 
-import math
-
 import pytest
 import torch
 
@@ -92,7 +90,6 @@ def test_lambda_one_returns_instruct_and_zero_delta_is_identity():
 
 @pytest.mark.parametrize("lam", [0.0, 0.2])
 def test_expert_stack_is_one_decomposition_per_expert(lam):
-    g = _gen(7)
     experts = []
     for e, kind in enumerate(["gauss", "1/i", "zero", "rank-1"]):
         experts.append(_case(kind, 48, 24, seed=e))

@@ -5,16 +5,27 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import load_dir
+from helpers import base_config, load_dir
 from oracle import timber_matrix, timber_tensor
-from test_e2e import (  # noqa: F401 - pairs is a fixture
-    assert_close_to_oracle,
-    assert_matches,
-    base_config,
-    merge,
-    pairs,
-    per_matrix,
-)
+from test_e2e import assert_close_to_oracle, assert_matches, merge, pairs, per_matrix  # noqa: F401 - pairs is a fixture
+
+
+def direct_call(name: str, base: torch.Tensor, instruct: torch.Tensor, **parameters) -> torch.Tensor:
+    """`timber` through mergekit's direct call (`method(groups)`), on one Base/Instruct pair."""
+    import mergekit_timber.method  # noqa: F401 - registers timber
+    from mergekit import merge_methods
+    from mergekit.common import ModelReference
+    from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
+
+    group = TensorGroup(
+        entries=(
+            TensorEntry(id=ModelReference.model_validate("base"), tensor=base, is_base=True),
+            TensorEntry(id=ModelReference.model_validate("instruct"), tensor=instruct, is_base=False),
+        ),
+        metadata=TensorMetadata(name=name),
+    )
+    (merged,) = merge_methods.get("timber")((group,), parameters=parameters)
+    return merged
 
 
 def oracle_outputs(base: dict, instruct: dict, lam: float, rule: str = "erank", value=None) -> dict:
@@ -73,23 +84,11 @@ def test_many_row_chunks_in_a_real_merge(pairs, tmp_path, monkeypatch):
 
 def test_tensor_of_more_than_two_dims_is_one_matrix_out_by_rest(tmp_path):
     """A non-expert 3-D tensor (e.g. a convolution) is refined as [out, -1], as the authors do."""
-    import mergekit_timber.method  # noqa: F401 - registers timber
-    from mergekit import merge_methods
-    from mergekit.common import ModelReference
-    from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
-
     g = torch.Generator().manual_seed(5)
     base = torch.randn(24, 6, 4, generator=g)
     instruct = base + 0.1 * torch.randn(24, 6, 4, generator=g)
     name = "model.layers.0.conv1d.weight"
-    group = TensorGroup(
-        entries=(
-            TensorEntry(id=ModelReference.model_validate("base"), tensor=base, is_base=True),
-            TensorEntry(id=ModelReference.model_validate("instruct"), tensor=instruct, is_base=False),
-        ),
-        metadata=TensorMetadata(name=name),
-    )
-    (got,) = merge_methods.get("timber")((group,), parameters={"lambda": 0.3})
+    got = direct_call(name, base, instruct, **{"lambda": 0.3})
     want = timber_tensor(name, base, instruct, 0.3)
     assert got.dtype == torch.float32
     assert_close_to_oracle(name, got, want)
@@ -100,18 +99,5 @@ def test_tensor_of_more_than_two_dims_is_one_matrix_out_by_rest(tmp_path):
 
 def test_direct_call_passes_integer_buffers_through():
     """mergekit's direct call hands integer tensors to the method: it returns the instruct one."""
-    import mergekit_timber.method  # noqa: F401 - registers timber
-    from mergekit import merge_methods
-    from mergekit.common import ModelReference
-    from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
-
     base, instruct = torch.arange(12).reshape(4, 3), torch.arange(12).reshape(4, 3) * 2
-    group = TensorGroup(
-        entries=(
-            TensorEntry(id=ModelReference.model_validate("base"), tensor=base, is_base=True),
-            TensorEntry(id=ModelReference.model_validate("instruct"), tensor=instruct, is_base=False),
-        ),
-        metadata=TensorMetadata(name="position_ids"),
-    )
-    (got,) = merge_methods.get("timber")((group,))
-    assert torch.equal(got, instruct)
+    assert torch.equal(direct_call("position_ids", base, instruct), instruct)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import load_dir, write_yaml
+from helpers import base_config, load_dir, write_yaml
 from mergekit_timber.testing.synthetic import write_pair
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,10 +65,7 @@ def test_wheel_in_a_fresh_venv_runs_timber_with_mergekit_yaml(dist, tmp_path):
     run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel)
 
     base, instruct = write_pair(tmp_path / "pair", arch="llama", layers=1, seed=3)
-    config = write_yaml(tmp_path / "timber.yml", {
-        "merge_method": "timber", "base_model": str(base), "models": [{"model": str(instruct)}],
-        "parameters": {"lambda": 0.2},
-    })  # fmt: skip
+    config = write_yaml(tmp_path / "timber.yml", base_config(base, instruct, **{"lambda": 0.2}))
     # cwd outside the repository: mergekit_timber must come from the wheel.
     where = run(python, "-c", "import mergekit_timber; print(mergekit_timber.__file__)", cwd=tmp_path).stdout
     assert where.strip().startswith(str(site)), where
