@@ -31,7 +31,7 @@ from mergekit_timber.errors import TimberConfigError, TimberInputError, install_
 from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
 LOG = logging.getLogger(__name__)
-DEFAULT_LAMBDA = 0.2  # the authors' recommended default (paper, Section 4)
+DEFAULT_LAMBDA = 0.2  # the authors' recommended default (arXiv 2509.23595)
 
 
 def _fraction(name: str, *, zero_ok: bool):
