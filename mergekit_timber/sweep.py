@@ -5,7 +5,8 @@ so a single decomposition serves every lambda. `run_sweep` runs ONE real mergeki
 for the first lambda (so config, tokenizer and card are exactly mergekit's); while it
 runs, the Timber method also computes the other lambdas from the same decomposition
 and hands them to this module, which writes them with mergekit's own TensorWriter.
-Afterwards each extra output gets the first output's non-weight files, its own model
+Afterwards each extra output gets the first output's non-weight files (the Instruct
+model's config, tokenizer and generation config: mergekit_timber.seam), its own model
 card and a `mergekit_config.yml` that reproduces it alone with `mergekit-yaml`.
 """
 
@@ -21,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import yaml
 
 from mergekit_timber.errors import TimberConfigError
+from mergekit_timber.output_dir import OutputDir
 
 _active: Optional["SweepSession"] = None
 
@@ -105,58 +107,70 @@ def load_sweep_config(config_path: Path) -> Dict:
     return config
 
 
-def run_sweep(config_path: Path, out_root: Path, lambdas: Sequence[float], options) -> List[Path]:
-    """Write OUT/lambda-X/ for every lambda from one pass; return the output dirs."""
+def run_sweep(
+    config_path: Path, out_root: Path, lambdas: Sequence[float], options, *, replace: Optional[bool] = None
+) -> List[Path]:
+    """Write OUT/lambda-X/ for every lambda from one pass; return the output dirs.
+
+    Every output is staged and published only once all of them are written
+    (mergekit_timber.output_dir); `replace` (default: MERGEKIT_TIMBER_REPLACE) lets
+    outputs that hold an earlier model be replaced.
+    """
     global _active
     import mergekit_timber  # noqa: F401 - registers timber with mergekit
-    from mergekit.card import generate_card
     from mergekit.common import dtype_from_name
     from mergekit.config import MergeConfiguration
     from mergekit.io.tensor_writer import TensorWriter
-    from mergekit.merge import run_merge
+
+    from mergekit_timber import seam
 
     source = load_sweep_config(config_path)
     out_root = Path(out_root)
     outs = [out_root / output_name(lam) for lam in lambdas]
-    for out in outs:
-        if out.exists() and any(out.iterdir()):
-            raise TimberConfigError(f"{out}: exists and is not empty; choose a new OUT")
     texts = [yaml.safe_dump(config_for(source, lam), sort_keys=False) for lam in lambdas]
     configs = [MergeConfiguration.model_validate(yaml.safe_load(t)) for t in texts]
-
-    # Each extra writer buffers up to one shard in memory: cap it, or mergekit's 5 GB
-    # default would hold every extra output of a mid-sized model in RAM at once.
-    side_shard = min(options.out_shard_size, SIDE_SHARD_BYTES) if options.out_shard_size > 0 else SIDE_SHARD_BYTES
-    writers = [
-        TensorWriter(
-            str(out),
-            max_shard_size=side_shard,
-            safe_serialization=options.safe_serialization,
-        )
-        for out in outs[1:]
-    ]
-    out_dtype = dtype_from_name(configs[0].out_dtype) if configs[0].out_dtype else None
-    session = SweepSession(other_lambdas=list(lambdas[1:]), writers=writers, out_dtype=out_dtype)
+    targets = seam.prepare(configs[0], options, outs, replace=replace)
     if _active is not None:
         raise RuntimeError("a sweep is already running in this process")
-    _active = session
-    try:
-        run_merge(configs[0], str(outs[0]), options=options, config_source=texts[0])
-    finally:
-        _active = None
 
-    first_tensors = _tensor_files(outs[0])
-    for index, (out, writer) in enumerate(zip(outs[1:], writers)):
-        # Tensors mergekit wrote without calling the method (non-float buffers,
-        # passthrough) do not depend on lambda: take them from the first output.
-        for name in sorted(set(first_tensors) - session.saved[index]):
-            writer.save_tensor(name=name, tensor=_read(first_tensors[name], name), clone=False)
-        writer.finalize()
-        _copy_non_weight_files(outs[0], out)
-        config, text = configs[index + 1], texts[index + 1]
-        if options.write_model_card:
-            (out / "README.md").write_text(generate_card(config, text, name=out.name), encoding="utf-8")
-            (out / "mergekit_config.yml").write_text(text, encoding="utf-8")
+    stages = []
+    try:
+        stages = [target.stage() for target in targets]
+        # Each extra writer buffers up to one shard in memory: cap it, or mergekit's 5 GB
+        # default would hold every extra output of a mid-sized model in RAM at once.
+        side_shard = min(options.out_shard_size, SIDE_SHARD_BYTES) if options.out_shard_size > 0 else SIDE_SHARD_BYTES
+        writers = [
+            TensorWriter(str(stage), max_shard_size=side_shard, safe_serialization=options.safe_serialization)
+            for stage in stages[1:]
+        ]
+        out_dtype = dtype_from_name(configs[0].out_dtype) if configs[0].out_dtype else None
+        session = SweepSession(other_lambdas=list(lambdas[1:]), writers=writers, out_dtype=out_dtype)
+        _active = session
+        try:
+            seam.write_merge(configs[0], stages[0], options, texts[0], name=targets[0].name)
+        finally:
+            _active = None
+
+        first_tensors = _tensor_files(stages[0])
+        for index, (stage, writer) in enumerate(zip(stages[1:], writers)):
+            # Tensors mergekit wrote without calling the method (non-float buffers,
+            # passthrough) do not depend on lambda: take them from the first output.
+            for name in sorted(set(first_tensors) - session.saved[index]):
+                writer.save_tensor(name=name, tensor=_read(first_tensors[name], name), clone=False)
+            writer.finalize()
+            _copy_non_weight_files(stages[0], stage)
+            config, text, target = configs[index + 1], texts[index + 1], targets[index + 1]
+            if options.write_model_card:
+                source = seam.instruct_dir(config, options)
+                card = seam.model_card(config, text, name=target.name, options=options, instruct_dir=source)
+                (stage / "README.md").write_text(card, encoding="utf-8")
+                (stage / "mergekit_config.yml").write_text(text, encoding="utf-8")
+        for target, stage in zip(targets, stages):
+            target.publish(stage)
+    finally:
+        for stage in stages:
+            if stage.exists():
+                OutputDir.discard(stage)
     return outs
 
 
