@@ -24,6 +24,7 @@ Importing this module under another mergekit version raises ImportError naming i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -223,19 +224,15 @@ def write_merge(config, stage: Path, options, config_source: Optional[str], *, n
             (stage / "mergekit_config.yml").write_text(text, encoding="utf-8")
 
 
-class _step:
-    """Any failure inside becomes one line naming the step (mergekit would log and go on)."""
-
-    def __init__(self, what: str):
-        self.what = what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, trace):
-        if error is not None and isinstance(error, Exception) and not isinstance(error, TimberOutputError):
-            raise TimberOutputError(f"{self.what} failed: {_reason(error)}") from error
-        return False
+@contextlib.contextmanager
+def _step(what: str):
+    """Any failure inside becomes one line naming the step (mergekit would log it and go on)."""
+    try:
+        yield
+    except TimberOutputError:
+        raise
+    except Exception as error:
+        raise TimberOutputError(f"{what} failed: {_reason(error)}") from error
 
 
 def _reason(error: BaseException) -> str:
