@@ -21,11 +21,18 @@ import warnings
 # mergekit module -> our module to import as soon as it has been executed.
 FOLLOW_UP = {
     "mergekit.merge_methods": "mergekit_timber.method",
+    "mergekit.merge": "mergekit_timber.seam",
 }
+# Follow-ups whose failure must stop the import: the seam refuses an unsupported mergekit
+# loudly rather than let a Timber merge write a wrong output.
+MUST_LOAD = ("mergekit_timber.seam",)
 
 
 def _import_quietly(name: str) -> None:
-    # A failure here must never break `import mergekit`: report it and go on.
+    if name in MUST_LOAD:
+        importlib.import_module(name)
+        return
+    # Any other failure must never break `import mergekit`: report it and go on.
     try:
         importlib.import_module(name)
     except Exception as error:  # noqa: BLE001 - any failure becomes a warning

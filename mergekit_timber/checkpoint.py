@@ -32,6 +32,11 @@ def dtype_name(dtype: "torch.dtype") -> str:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def looks_like_hub_id(ref: str) -> bool:
+    """Whether `ref` could name a Hub repo (org/name); "./x", "/x", "~/x", "a/b/c" cannot."""
+    return bool(_HUB_ID.match(ref)) and not ref.startswith((".", "~")) and not os.path.isabs(ref)
+
+
 def resolve_model(ref: str, role: str) -> Path:
     """A local model directory for `ref`: a directory, or a Hub id (downloaded)."""
     path = Path(ref).expanduser()

@@ -18,6 +18,26 @@ class TimberInputError(TimberError, ValueError):
     """The models or tensors given to the merge are unusable."""
 
 
+class TimberOutputError(TimberError):
+    """The output directory cannot be written as asked, or a write or copy step failed."""
+
+
+# The console scripts whose uncaught TimberErrors print as one line.
+CLI_PROGRAMS = ("mergekit-yaml", "mergekit-multi", "mergekit-timber")
+CLI_MODULES = ("mergekit.scripts.run_yaml", "mergekit.scripts.multimerge", "mergekit_timber.cli")
+
+
+def running_cli() -> bool:
+    """True in a process started as one of CLI_PROGRAMS (or `python -m` of its module)."""
+    import os
+    import sys
+
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    program = program.removesuffix(".exe").removesuffix("-script.py")
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return program in CLI_PROGRAMS or getattr(spec, "name", None) in CLI_MODULES
+
+
 def install_excepthook() -> None:
     """Print our own input errors as one line instead of a traceback.
 

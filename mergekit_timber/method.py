@@ -27,7 +27,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_timber import DISTRIBUTION, PAPER_URL, input_pages
-from mergekit_timber.errors import TimberConfigError, TimberInputError, install_excepthook
+from mergekit_timber.errors import TimberConfigError, TimberInputError
 from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
 LOG = logging.getLogger(__name__)
@@ -321,4 +321,3 @@ def _register() -> None:
 
 # The one rule: importing this module registers, as mergekit's own registry does.
 _register()
-install_excepthook()

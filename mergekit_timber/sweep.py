@@ -2,12 +2,13 @@
 
 Timber is linear in lambda (Timber(lambda) = (1-lambda)*Timber-L + lambda*Instruct), so
 a single decomposition serves every lambda. `run_sweep` runs ONE real mergekit merge for
-the first lambda (so config, tokenizer and card are exactly mergekit's) with a
+the first lambda (so its output is what `mergekit-yaml` writes) with a
 TimberMerge instance of its own: it carries the other lambdas and a sink, is registered
 under a name used by this merge alone, and is removed afterwards; the `timber` every
 other merge uses stays stateless. The sink writes the other lambdas' outputs with
 mergekit's own TensorWriter.
-Afterwards each extra output gets the first output's non-weight files, its own model
+Afterwards each extra output gets the first output's non-weight files (the Instruct
+model's config, tokenizer and generation config: mergekit_timber.seam), its own model
 card and a `mergekit_config.yml` that reproduces it alone with `mergekit-yaml`.
 """
 
@@ -26,6 +27,7 @@ import yaml
 
 from mergekit_timber.checkpoint import Checkpoint
 from mergekit_timber.errors import TimberConfigError
+from mergekit_timber.output_dir import OutputDir
 
 SIDE_SHARD_BYTES = 1_000_000_000
 
@@ -103,57 +105,65 @@ def load_sweep_config(config_path: Path) -> Dict:
     return config
 
 
-def run_sweep(config_path: Path, out_root: Path, lambdas: Sequence[float], options) -> List[Path]:
-    """Write OUT/lambda-X/ for every lambda from one pass; return the output dirs."""
-    from mergekit.card import generate_card
+def run_sweep(
+    config_path: Path, out_root: Path, lambdas: Sequence[float], options, *, replace: Optional[bool] = None
+) -> List[Path]:
+    """Write OUT/lambda-X/ for every lambda from one pass; return the output dirs.
+
+    Every output is staged and published only once all of them are written
+    (mergekit_timber.output_dir); `replace` (default: MERGEKIT_TIMBER_REPLACE) lets
+    outputs that hold an earlier model be replaced.
+    """
     from mergekit.common import dtype_from_name
     from mergekit.config import MergeConfiguration
     from mergekit.io.tensor_writer import TensorWriter
-    from mergekit.merge import run_merge
+
+    from mergekit_timber import seam
 
     source = load_sweep_config(config_path)
     out_root = Path(out_root)
     outs = [out_root / output_name(lam) for lam in lambdas]
-    for out in outs:
-        if out.exists() and any(out.iterdir()):
-            raise TimberConfigError(f"{out}: exists and is not empty; choose a new OUT")
     texts = [yaml.safe_dump(config_for(source, lam), sort_keys=False) for lam in lambdas]
     configs = [MergeConfiguration.model_validate(yaml.safe_load(t)) for t in texts]
+    targets = seam.prepare(configs[0], options, outs, replace=replace)
 
-    # Each extra writer buffers up to one shard in memory: cap it, or mergekit's 5 GB
-    # default would hold every extra output of a mid-sized model in RAM at once.
-    side_shard = min(options.out_shard_size, SIDE_SHARD_BYTES) if options.out_shard_size > 0 else SIDE_SHARD_BYTES
-    writers = [
-        TensorWriter(
-            str(out),
-            max_shard_size=side_shard,
-            safe_serialization=options.safe_serialization,
-        )
-        for out in outs[1:]
-    ]
-    out_dtype = dtype_from_name(configs[0].out_dtype) if configs[0].out_dtype else None
-    session = SweepSession(writers=writers, out_dtype=out_dtype)
-    with _sweep_method(lambdas[1:], session.save) as method_name:
-        # The card and mergekit_config.yml come from texts[0]: they name `timber`.
-        first = configs[0].model_copy(update={"merge_method": method_name})
-        run_merge(first, str(outs[0]), options=options, config_source=texts[0])
-
-    first_output = Checkpoint(outs[0], "sweep output")
+    stages = []
     try:
-        for index, (out, writer) in enumerate(zip(outs[1:], writers)):
-            # Tensors mergekit wrote without calling the method (non-float buffers,
-            # passthrough) do not depend on lambda: take them from the first output.
-            for name in sorted(set(first_output.names()) - session.saved[index]):
-                writer.save_tensor(name=name, tensor=first_output.tensor(name), clone=False)
-            writer.finalize()
+        stages = [target.stage() for target in targets]
+        # Each extra writer buffers up to one shard in memory: cap it, or mergekit's 5 GB
+        # default would hold every extra output of a mid-sized model in RAM at once.
+        side_shard = min(options.out_shard_size, SIDE_SHARD_BYTES) if options.out_shard_size > 0 else SIDE_SHARD_BYTES
+        writers = [
+            TensorWriter(str(stage), max_shard_size=side_shard, safe_serialization=options.safe_serialization)
+            for stage in stages[1:]
+        ]
+        out_dtype = dtype_from_name(configs[0].out_dtype) if configs[0].out_dtype else None
+        session = SweepSession(writers=writers, out_dtype=out_dtype)
+        with _sweep_method(lambdas[1:], session.save) as method_name:
+            # The card and mergekit_config.yml come from configs[0]/texts[0]: they name `timber`.
+            seam.write_merge(configs[0], stages[0], options, texts[0], name=targets[0].name, run_as=method_name)
+
+        with Checkpoint(stages[0], "sweep output") as first_output:
+            for index, (stage, writer) in enumerate(zip(stages[1:], writers)):
+                # Tensors mergekit wrote without calling the method (non-float buffers,
+                # passthrough) do not depend on lambda: take them from the first output.
+                for name in sorted(set(first_output.names()) - session.saved[index]):
+                    writer.save_tensor(name=name, tensor=first_output.tensor(name), clone=False)
+                writer.finalize()
+        for index, stage in enumerate(stages[1:]):
+            _copy_non_weight_files(stages[0], stage)
+            config, text, target = configs[index + 1], texts[index + 1], targets[index + 1]
+            if options.write_model_card:
+                source = seam.instruct_dir(config, options)
+                card = seam.model_card(config, text, name=target.name, options=options, instruct_dir=source)
+                (stage / "README.md").write_text(card, encoding="utf-8")
+                (stage / "mergekit_config.yml").write_text(text, encoding="utf-8")
+        for target, stage in zip(targets, stages):
+            target.publish(stage)
     finally:
-        first_output.close()
-    for index, out in enumerate(outs[1:]):
-        _copy_non_weight_files(outs[0], out)
-        config, text = configs[index + 1], texts[index + 1]
-        if options.write_model_card:
-            (out / "README.md").write_text(generate_card(config, text, name=out.name), encoding="utf-8")
-            (out / "mergekit_config.yml").write_text(text, encoding="utf-8")
+        for stage in stages:
+            if stage.exists():
+                OutputDir.discard(stage)
     return outs
 
 

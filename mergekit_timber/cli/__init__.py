@@ -44,3 +44,6 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="mergekit-timber")
 def main() -> None:
     """Tools around Timber merges (the merge itself runs with `mergekit-yaml`)."""
+    from mergekit_timber.errors import install_excepthook
+
+    install_excepthook()  # bad input prints as one line (MERGEKIT_TIMBER_TRACEBACK=1: tracebacks)

@@ -4,8 +4,6 @@ from pathlib import Path
 
 import click
 
-from mergekit_timber.errors import TimberError
-
 
 def _merge_options(f):
     # mergekit's own merge flags (--cuda, --device, --out-shard-size, ...), imported
@@ -22,8 +20,13 @@ def _merge_options(f):
     "--lambdas", default="0,0.2,0.5,0.8", show_default=True,
     help="Comma-separated lambdas; each gives OUT/lambda-X/. Replaces every lambda in CONFIG.",
 )
+@click.option(
+    "--replace", is_flag=True,
+    help="Replace an earlier model in an OUT/lambda-X/ directory (default: refuse; "
+    "MERGEKIT_TIMBER_REPLACE=1 does the same).",
+)
 @_merge_options
-def sweep(merge_options, config: Path, out: Path, lambdas: str) -> None:
+def sweep(merge_options, config: Path, out: Path, lambdas: str, replace: bool) -> None:
     """Timber at several lambdas with one decomposition per tensor.
 
     Each OUT/lambda-X/ is the model `mergekit-yaml` writes for that lambda alone,
@@ -32,10 +35,7 @@ def sweep(merge_options, config: Path, out: Path, lambdas: str) -> None:
     from mergekit_timber.sweep import parse_lambdas, run_sweep
 
     merge_options.apply_global_options()
-    try:
-        values = parse_lambdas(lambdas)
-        outs = run_sweep(config, out, values, merge_options)
-    except TimberError as error:
-        raise click.ClickException(str(error)) from None
+    values = parse_lambdas(lambdas)  # a TimberError prints as one line (mergekit_timber.cli)
+    outs = run_sweep(config, out, values, merge_options, replace=replace or None)
     for lam, path in zip(values, outs):
         click.echo(f"lambda={lam:g}\t{path}")

@@ -412,7 +412,9 @@ def _tokenizer_vocab(vocab: int) -> Dict[str, int]:
     return {w: k for k, w in enumerate(words)}
 
 
-def _write_tokenizer(model_dir: Path, vocab: int) -> None:
+def _write_tokenizer(
+    model_dir: Path, vocab: int, *, eos_token: str = "<|im_end|>", chat_template: Optional[str] = _CHAT_TEMPLATE
+) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -424,12 +426,13 @@ def _write_tokenizer(model_dir: Path, vocab: int) -> None:
         tokenizer_object=tok,
         unk_token="<unk>",
         bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
+        eos_token=eos_token,
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
         model_max_length=4096,
     )
-    fast.chat_template = _CHAT_TEMPLATE
+    if chat_template:
+        fast.chat_template = chat_template
     fast.save_pretrained(str(model_dir))
 
 
@@ -511,6 +514,7 @@ def write_pair(
     spectrum: str = "decay",
     moe_layout: str = "per_expert",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    distinct_files: bool = False,
 ) -> Tuple[Path, Path]:
     """Write a synthetic Base/Instruct pair under `out_dir`; return (base_dir, instruct_dir).
 
@@ -520,6 +524,13 @@ def write_pair(
     ~1/sqrt(i) over rank min(m, n, 128) plus a small full-rank tail), "lowrank"
     (rank <= 8, ~1/sqrt(i), no tail) or "flat" (i.i.d. Gaussian).
     Files in the two directories are overwritten (old weight files are removed).
+
+    By default both models carry the same config, generation config and tokenizer.
+    `distinct_files=True` makes them differ as real Base/Instruct pairs do (Qwen3-8B-Base
+    vs Qwen3-8B): the Base has eos ``<|endoftext|>``, no chat template and a plain
+    generation config; the Instruct has eos ``<|im_end|>``, twice the
+    ``max_position_embeddings``, a chat template and a generation config with two stop
+    ids and sampling defaults. The weights are the same either way.
     """
     _check_arch(arch)
     if spectrum not in SPECTRA:
@@ -562,6 +573,9 @@ def write_pair(
     gen_cfg = GenerationConfig(
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
     )
+    if distinct_files:
+        _write_distinct_files(base_dir, instruct_dir, cfg, vocab)
+        return base_dir, instruct_dir
     _write_tokenizer(base_dir, vocab)
     for d in (base_dir, instruct_dir):
         cfg.save_pretrained(str(d))
@@ -570,6 +584,29 @@ def write_pair(
         if f.name.startswith(("tokenizer", "special_tokens_map", "chat_template")):
             shutil.copyfile(f, instruct_dir / f.name)
     return base_dir, instruct_dir
+
+
+def _write_distinct_files(base_dir: Path, instruct_dir: Path, cfg, vocab: int) -> None:
+    """Base and Instruct files that differ as in real pairs (see write_pair)."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    ids = _tokenizer_vocab(min(vocab, 64))
+    end_of_text, end_of_turn = ids["<|endoftext|>"], ids["<|im_end|>"]
+    base_cfg, instruct_cfg = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    base_cfg.eos_token_id = end_of_text
+    instruct_cfg.eos_token_id = end_of_turn
+    instruct_cfg.max_position_embeddings = 2 * cfg.max_position_embeddings
+    base_cfg.save_pretrained(str(base_dir))
+    instruct_cfg.save_pretrained(str(instruct_dir))
+    GenerationConfig(bos_token_id=end_of_text, eos_token_id=end_of_text).save_pretrained(str(base_dir))
+    GenerationConfig(
+        bos_token_id=end_of_text, eos_token_id=[end_of_turn, end_of_text], pad_token_id=end_of_text,
+        do_sample=True, temperature=0.6, top_p=0.95, top_k=20,
+    ).save_pretrained(str(instruct_dir))  # fmt: skip
+    _write_tokenizer(base_dir, vocab, eos_token="<|endoftext|>", chat_template=None)
+    _write_tokenizer(instruct_dir, vocab)
 
 
 def write_timber_yaml(

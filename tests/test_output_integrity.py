@@ -1,0 +1,155 @@
+"""A Timber merge never leaves a directory that loads as a model it is not, and every
+failure a user can cause ends in one line, through the real mergekit-yaml."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import cli, load_dir, write_yaml
+from mergekit_timber.testing.synthetic import write_pair
+
+REPLACE = {"MERGEKIT_TIMBER_REPLACE": "1"}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return write_pair(tmp_path_factory.mktemp("integrity") / "llama", arch="llama", layers=1, seed=7)
+
+
+def timber_yaml(path, base, instruct):
+    return write_yaml(path, {"merge_method": "timber", "base_model": str(base), "models": [{"model": str(instruct)}]})
+
+
+def mergekit_yaml(*args, env=None, cwd=None):
+    full = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    full.pop("MERGEKIT_TIMBER_REPLACE", None)
+    full.update(env or {})
+    return subprocess.run(
+        [cli("mergekit-yaml"), *map(str, args)], capture_output=True, text=True, env=full, cwd=cwd, timeout=600
+    )
+
+
+def failed(proc) -> str:
+    """The one line a failure prints (last on stderr, no traceback)."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def snapshot(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def no_staging_left(parent):
+    assert not [p.name for p in parent.iterdir() if ".timber-partial-" in p.name]
+
+
+def weight_names(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith((".safetensors", ".index.json")))
+
+
+def test_earlier_single_file_model_then_sharded_reruns(pair, tmp_path):
+    base, instruct = pair
+    cfg = timber_yaml(tmp_path / "t.yml", base, instruct)
+    out = tmp_path / "out"
+    shutil.copytree(instruct, out)  # an earlier, finished model: model.safetensors
+    before = snapshot(out)
+
+    line = failed(mergekit_yaml(cfg, out, "--out-shard-size", "100K"))
+    assert line == (
+        f"mergekit-timber: error: output {out} already holds model weights (model.safetensors); choose a new "
+        "directory, or set MERGEKIT_TIMBER_REPLACE=1 (sweep: --replace) to replace that model"
+    )
+    assert snapshot(out) == before
+
+    counts, tensors = [], []
+    for shard_size in ("100K", "40K"):  # replace, then rerun with another shard size
+        proc = mergekit_yaml(cfg, out, "--out-shard-size", shard_size, env=REPLACE)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert weight_names(out) == sorted(shards + ["model.safetensors.index.json"])  # nothing stale
+        counts.append(len(shards))
+        tensors.append(load_dir(out))
+        assert json.loads((out / "config.json").read_text())["eos_token_id"] == 3
+    assert 1 < counts[0] < counts[1]
+    assert tensors[0].keys() == tensors[1].keys() and all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+    assert not torch.equal(tensors[0]["model.layers.0.mlp.up_proj.weight"], load_dir(instruct)["model.layers.0.mlp.up_proj.weight"])
+    no_staging_left(tmp_path)
+
+
+def test_failed_merge_into_a_used_directory_keeps_the_earlier_model(pair, tmp_path):
+    base, instruct = pair
+    broken = tmp_path / "broken"
+    shutil.copytree(instruct, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    shutil.copytree(instruct, out)
+    before = snapshot(out)
+
+    line = failed(mergekit_yaml(timber_yaml(tmp_path / "t.yml", base, broken), out, env=REPLACE))
+    assert line.startswith("mergekit-timber: error: ") and "model.layers.0.mlp.up_proj.weight" in line
+    assert snapshot(out) == before  # the earlier model, whole: no partial new shards beside it
+    no_staging_left(tmp_path)
+
+
+SITECUSTOMIZE = '''
+import errno, os, shutil
+
+_copyfile = shutil.copyfile
+
+
+def copyfile(src, dst, *args, **kwargs):
+    # The disk fills while the tokenizer is copied: an empty file, then ENOSPC.
+    if os.path.basename(dst) == "tokenizer.json":
+        open(dst, "wb").close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), dst)
+    return _copyfile(src, dst, *args, **kwargs)
+
+
+shutil.copyfile = copyfile
+'''
+
+
+def test_disk_full_while_copying_the_tokenizer(pair, tmp_path):
+    base, instruct = pair
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    out = tmp_path / "out"
+
+    line = failed(mergekit_yaml(timber_yaml(tmp_path / "t.yml", base, instruct), out, env={"PYTHONPATH": str(inject)}))
+    assert line.startswith(f"mergekit-timber: error: copying the tokenizer of {instruct} failed: No space left on device: ")
+    assert line.endswith("tokenizer.json")
+    assert not out.exists()  # nothing that could load as a model
+    no_staging_left(tmp_path)
+
+
+def test_relative_local_paths_never_reach_the_hub(pair, tmp_path):
+    base, instruct = pair
+    shutil.copytree(base.parent, tmp_path / "models")
+    cfg = write_yaml(
+        tmp_path / "t.yml", {"merge_method": "timber", "base_model": "models/base", "models": [{"model": "models/instruct"}]}
+    )
+    proc = mergekit_yaml(cfg, "out", cwd=tmp_path)  # offline: mergekit's card step would ask the Hub
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| `config.json` | models/instruct (the Instruct model)" in card and "huggingface.co/models" not in card
+
+
+def test_missing_local_path_is_reported_as_such(pair, tmp_path):
+    base, instruct = pair
+    cfg = write_yaml(tmp_path / "t.yml", {"merge_method": "timber", "base_model": "./models/base", "models": [{"model": str(instruct)}]})
+    line = failed(mergekit_yaml(cfg, tmp_path / "out", cwd=tmp_path))
+    assert line == "mergekit-timber: error: base_model './models/base': no such directory (nor a Hub id: those read org/name)"
+    assert not (tmp_path / "out").exists()
+    proc = mergekit_yaml(cfg, tmp_path / "out", cwd=tmp_path, env={"MERGEKIT_TIMBER_TRACEBACK": "1"})
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "TimberInputError" in proc.stderr
