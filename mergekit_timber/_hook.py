@@ -21,6 +21,8 @@ import warnings
 # mergekit module -> our module to import as soon as it has been executed.
 FOLLOW_UP = {
     "mergekit.merge_methods": "mergekit_timber.method",
+    # TEMPORARY (issue 11) until mergekit_timber.seam (issue 10) calls preflight.check.
+    "mergekit.merge": "mergekit_timber._preflight_bridge",
 }
 
 

@@ -37,6 +37,10 @@ def install_excepthook() -> None:
         cause = error
         while cause is not None and not isinstance(cause, TimberError):
             cause = cause.__cause__ or cause.__context__
+        if cause is None:  # mergekit's pydantic error for a Timber config (lambda: null)
+            from mergekit_timber.preflight import explain_config_error
+
+            cause = explain_config_error(error, trace)
         if cause is None or flag("MERGEKIT_TIMBER_TRACEBACK"):
             return previous(kind, error, trace)
         print(f"mergekit-timber: error: {cause}", file=sys.stderr)

@@ -35,7 +35,9 @@ def active_sweep() -> Optional["SweepSession"]:
 
 
 def output_name(lam: float) -> str:
-    return f"lambda-{lam:g}"
+    """`lambda-0.2`; the shortest exact form where 6 digits would merge two lambdas."""
+    short = f"{lam:g}"
+    return f"lambda-{short if float(short) == lam else repr(float(lam))}"
 
 
 @dataclass
@@ -72,6 +74,8 @@ def parse_lambdas(text: str) -> List[float]:
             raise TimberConfigError(f"--lambdas: lambda must lie in [0, 1]; got {value:g}")
     if len(set(values)) != len(values):
         raise TimberConfigError(f"--lambdas: repeated value in {text!r}")
+    if len({output_name(v) for v in values}) != len(values):  # one directory per lambda
+        raise TimberConfigError(f"--lambdas: two values share an output directory in {text!r}")
     return values
 
 
