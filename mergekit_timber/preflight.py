@@ -25,7 +25,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from mergekit_timber.errors import TimberConfigError, TimberError, TimberInputError
+from mergekit_timber.errors import TimberConfigError, TimberError, TimberInputError, add_explainer
 
 TIMBER_METHODS = ("timber", "timber_l")
 
@@ -399,3 +399,6 @@ def check(merge_config, options, source: Optional[str] = None) -> None:
             if checkpoint is not None:
                 checkpoint.close()
     finite.set_output_dtype(dtype_from_name(merge_config.out_dtype) if merge_config.out_dtype else None)
+
+
+add_explainer(explain_config_error)
