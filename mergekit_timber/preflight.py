@@ -70,7 +70,8 @@ def _check_structure(method: str, doc: Dict[str, Any]) -> None:
         OutputSliceDefinition,
     )
 
-    _unknown_keys(method, doc, _fields(MergeConfiguration), "at the top level of the config")
+    # `name:` names a document of a mergekit-multi recipe.
+    _unknown_keys(method, doc, _fields(MergeConfiguration) + ["name"], "at the top level of the config")
     for i, entry in enumerate(_as_list(doc.get("models"))):
         _unknown_keys(method, entry, _fields(InputModelDefinition), f"in models[{i}]")
     for where, module in _modules(doc):

@@ -171,6 +171,7 @@ def test_valid_settings_pass(pair):
     check_document(cfg(*pair, **{"lambda": [{"filter": "mlp", "value": [0.1, "1e-1"]}, {"value": 0}]}))
     check_document(cfg(*pair, refine_embeddings=[True, False], rank_ratio=0.5))
     check_document(dict(cfg(*pair), merge_method="timber_l"))
+    check_document(dict(cfg(*pair), name="step1"))  # a mergekit-multi document
     check_document(dict(cfg(*pair, **{"lamda": 1}), merge_method="linear"))  # not ours
 
 
