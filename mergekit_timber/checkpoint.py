@@ -34,7 +34,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def looks_like_hub_id(ref: str) -> bool:
     """Whether `ref` could name a Hub repo (org/name); "./x", "/x", "~/x", "a/b/c" cannot."""
-    return bool(_HUB_ID.match(ref)) and not ref.startswith((".", "~")) and not os.path.isabs(ref)
+    if not _HUB_ID.match(ref) or ref.startswith((".", "~")) or os.path.isabs(ref):
+        return False
+    # `models/base` where ./models exists is a path, not the Hub repo base of org models.
+    return not Path(ref.split("/", 1)[0]).is_dir()
 
 
 def resolve_model(ref: str, role: str) -> Path:
@@ -44,7 +47,7 @@ def resolve_model(ref: str, role: str) -> Path:
         return path
     if path.exists():
         raise TimberInputError(f"{role} {ref!r} is not a directory")
-    if not _HUB_ID.match(ref) or ref.startswith((".", "~")) or os.path.isabs(ref):
+    if not looks_like_hub_id(ref):
         raise TimberInputError(f"{role} {ref!r}: no such directory")
     try:
         from huggingface_hub import snapshot_download
@@ -66,7 +69,10 @@ class Checkpoint:
         index = self.directory / "model.safetensors.index.json"
         self.files: Dict[str, Path] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            except (OSError, ValueError, AttributeError) as exc:
+                raise TimberInputError(f"{role} {index}: unreadable index: {_first_line(exc)}") from None
             self.files = {name: self.directory / f for name, f in weight_map.items()}
             missing = sorted({str(p.name) for p in self.files.values() if not p.is_file()})
             if missing:
@@ -84,9 +90,13 @@ class Checkpoint:
             from safetensors import safe_open
 
             for shard in shards:
-                with safe_open(str(shard), framework="pt") as fh:
-                    for name in fh.keys():
-                        self.files[name] = shard
+                try:
+                    with safe_open(str(shard), framework="pt") as fh:
+                        names = list(fh.keys())
+                except Exception as exc:
+                    raise _unreadable(role, shard, exc) from None
+                for name in names:
+                    self.files[name] = shard
         self._stack = contextlib.ExitStack()
         self._handles: Dict[Path, Any] = {}
 
@@ -98,7 +108,7 @@ class Checkpoint:
             try:
                 self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
             except Exception as exc:
-                raise TimberInputError(f"{self.role} {file}: cannot read safetensors: {exc}") from None
+                raise _unreadable(self.role, file, exc) from None
         return self._handles[file]
 
     def names(self) -> List[str]:
@@ -106,7 +116,13 @@ class Checkpoint:
 
     def info(self, name: str) -> Tuple[Tuple[int, ...], str]:
         """(shape, safetensors dtype string) from the header, without reading data."""
-        sl = self._handle(name).get_slice(name)
+        handle = self._handle(name)
+        try:
+            sl = handle.get_slice(name)
+        except Exception as exc:  # an index naming a tensor its shard lacks
+            raise TimberInputError(
+                f"{self.role} {self.files[name]}: tensor {name}: {_first_line(exc)}"
+            ) from None
         return tuple(sl.get_shape()), str(sl.get_dtype())
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -128,3 +144,14 @@ class Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _unreadable(role: str, file: Path, exc: BaseException) -> TimberInputError:
+    return TimberInputError(
+        f"{role} {file.parent}: {file.name} is not a readable safetensors file "
+        f"(truncated or corrupt?): {_first_line(exc)}"
+    )

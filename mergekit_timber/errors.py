@@ -38,6 +38,16 @@ def running_cli() -> bool:
     return program in CLI_PROGRAMS or getattr(spec, "name", None) in CLI_MODULES
 
 
+# Functions (error, traceback) -> TimberError or None that put into one line errors
+# raised outside our code for a Timber merge (preflight: mergekit's config parsing).
+_EXPLAINERS: list = []
+
+
+def add_explainer(explain) -> None:
+    if explain not in _EXPLAINERS:
+        _EXPLAINERS.append(explain)
+
+
 def install_excepthook() -> None:
     """Print our own input errors as one line instead of a traceback.
 
@@ -57,6 +67,10 @@ def install_excepthook() -> None:
         cause = error
         while cause is not None and not isinstance(cause, TimberError):
             cause = cause.__cause__ or cause.__context__
+        for explain in _EXPLAINERS if cause is None else ():
+            cause = explain(error, trace)
+            if cause is not None:
+                break
         if cause is None or flag("MERGEKIT_TIMBER_TRACEBACK"):
             return previous(kind, error, trace)
         print(f"mergekit-timber: error: {cause}", file=sys.stderr)

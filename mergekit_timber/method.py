@@ -11,7 +11,7 @@ import logging
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BeforeValidator
 from typing_extensions import Annotated
 
 from mergekit.merge_methods.base import (
@@ -47,7 +47,32 @@ def _fraction(name: str, *, zero_ok: bool):
     return AfterValidator(check)
 
 
-def _no_lambda(value: Optional[float]) -> None:
+def _strict_number(name: str):
+    """Numbers only: pydantic alone would take `true` as 1.0 (a silently wrong merge)."""
+
+    def check(value: Any) -> Any:
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return value
+        if isinstance(value, str):  # YAML 1.1 reads `1e-1` as a string; mergekit accepts it
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TimberConfigError(f"timber: parameter {name} must be a number; got {value!r}")
+
+    return BeforeValidator(check)
+
+
+def _strict_bool(name: str):
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            return value
+        raise TimberConfigError(f"timber: parameter {name} must be true or false; got {value!r}")
+
+    return BeforeValidator(check)
+
+
+def _no_lambda(value: Any) -> None:
     if value is not None:
         raise TimberConfigError(
             "timber_l: parameter lambda is not accepted (timber_l removes the tail, "
@@ -62,7 +87,7 @@ def _parameters(with_lambda: bool) -> tuple:
     lam = (
         ParameterSpec(
             "lambda",
-            Annotated[float, _fraction("lambda", zero_ok=True)],
+            Annotated[float, _strict_number("lambda"), _fraction("lambda", zero_ok=True)],
             ParameterScope.NON_BASE,
             default=DEFAULT_LAMBDA,
             description="Scale of the spectral tail: 0 removes it, 1 keeps the instruct tensor.",
@@ -70,7 +95,7 @@ def _parameters(with_lambda: bool) -> tuple:
         if with_lambda
         else ParameterSpec(
             "lambda",
-            Annotated[Optional[float], AfterValidator(_no_lambda)],
+            Annotated[Optional[float], BeforeValidator(_no_lambda)],  # any value, before parsing
             ParameterScope.NON_BASE,
             default=None,
             description="Not accepted: timber_l always removes the tail.",
@@ -80,7 +105,7 @@ def _parameters(with_lambda: bool) -> tuple:
         lam,
         ParameterSpec(
             "refine_embeddings",
-            bool,
+            Annotated[bool, _strict_bool("refine_embeddings")],
             ParameterScope.NON_BASE,
             default=True,
             description="Refine vocabulary-sized tensors (embeddings, lm_head); "
@@ -88,14 +113,14 @@ def _parameters(with_lambda: bool) -> tuple:
         ),
         ParameterSpec(
             "rank_ratio",
-            Annotated[Optional[float], _fraction("rank_ratio", zero_ok=False)],
+            Annotated[Optional[float], _strict_number("rank_ratio"), _fraction("rank_ratio", zero_ok=False)],
             ParameterScope.NON_BASE,
             default=None,
             description="Ablation (Truncate-R): keep ceil(rank_ratio * rank) components instead of ceil(eRank).",
         ),
         ParameterSpec(
             "energy",
-            Annotated[Optional[float], _fraction("energy", zero_ok=False)],
+            Annotated[Optional[float], _strict_number("energy"), _fraction("energy", zero_ok=False)],
             ParameterScope.NON_BASE,
             default=None,
             description="Ablation (Truncate-E): keep the smallest head holding this share of sum(S^2).",

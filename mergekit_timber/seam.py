@@ -36,11 +36,10 @@ from typing import Iterable, List, Optional
 
 import mergekit.merge as _merge
 
-from mergekit_timber import preflight
+from mergekit_timber import finite, preflight
 from mergekit_timber.checkpoint import looks_like_hub_id
 from mergekit_timber.errors import (
     TimberConfigError,
-    TimberInputError,
     TimberOutputError,
     install_excepthook,
     running_cli,
@@ -171,15 +170,12 @@ def run_merge(merge_config, out_path, options, config_source=None):
 # --------------------------------------------------------------------------- Timber merges
 
 
-def prepare(config, options, outs: Iterable, *, replace: Optional[bool] = None) -> List[OutputDir]:
+def prepare(
+    config, options, outs: Iterable, config_source: Optional[str] = None, *, replace: Optional[bool] = None
+) -> List[OutputDir]:
     """Everything checked before the first tensor; the output directories, none touched."""
-    preflight.check(config, options)
+    preflight.check(config, options, source=config_source)
     instruct_model(config)
-    for ref in config.referenced_models():
-        path = ref.model.path
-        if not os.path.exists(path) and not looks_like_hub_id(path):
-            role = "base_model" if ref == config.base_model else "model"
-            raise TimberInputError(f"{role} {path!r}: no such directory (nor a Hub id: those read org/name)")
     inputs = [ref.model.path for ref in config.referenced_models() if os.path.isdir(ref.model.path)]
     targets = [OutputDir(out, replace=replace, inputs=inputs) for out in outs]
     for target in targets:
@@ -189,7 +185,7 @@ def prepare(config, options, outs: Iterable, *, replace: Optional[bool] = None) 
 
 def run_timber_merge(config, out_path, options, config_source=None, *, replace=None) -> None:
     """mergekit's run_merge for a Timber merge: drop-in output, all or nothing."""
-    (target,) = prepare(config, options, [out_path], replace=replace)
+    (target,) = prepare(config, options, [out_path], config_source, replace=replace)
     stage = target.stage()
     try:
         write_merge(config, stage, options, config_source, name=target.name)
@@ -219,6 +215,7 @@ def write_merge(
         _original("run_merge")(inner_config, str(stage), options=inner_options)
     except OSError as error:
         raise TimberOutputError(f"writing the merged model failed: {_reason(error)}") from error
+    finite.check_written(stage)
     hold_config(stage)
 
     instruct, source = instruct_model(config).model.path, instruct_dir(config, options)

@@ -26,6 +26,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import yaml
 
 from mergekit_timber.checkpoint import Checkpoint
+from mergekit_timber import finite
 from mergekit_timber.errors import TimberConfigError
 from mergekit_timber.output_dir import OutputDir
 
@@ -36,7 +37,9 @@ _PER_OUTPUT = ("README.md", "mergekit_config.yml")
 
 
 def output_name(lam: float) -> str:
-    return f"lambda-{lam:g}"
+    """`lambda-0.2`; the shortest exact form where 6 digits would merge two lambdas."""
+    short = f"{lam:g}"
+    return f"lambda-{short if float(short) == lam else repr(float(lam))}"
 
 
 @dataclass
@@ -72,6 +75,8 @@ def parse_lambdas(text: str) -> List[float]:
             raise TimberConfigError(f"--lambdas: lambda must lie in [0, 1]; got {value:g}")
     if len(set(values)) != len(values):
         raise TimberConfigError(f"--lambdas: repeated value in {text!r}")
+    if len({output_name(v) for v in values}) != len(values):  # one directory per lambda
+        raise TimberConfigError(f"--lambdas: two values share an output directory in {text!r}")
     return values
 
 
@@ -125,7 +130,7 @@ def run_sweep(
     outs = [out_root / output_name(lam) for lam in lambdas]
     texts = [yaml.safe_dump(config_for(source, lam), sort_keys=False) for lam in lambdas]
     configs = [MergeConfiguration.model_validate(yaml.safe_load(t)) for t in texts]
-    targets = seam.prepare(configs[0], options, outs, replace=replace)
+    targets = seam.prepare(configs[0], options, outs, texts[0], replace=replace)
 
     stages = []
     try:
@@ -150,6 +155,7 @@ def run_sweep(
                 for name in sorted(set(first_output.names()) - session.saved[index]):
                     writer.save_tensor(name=name, tensor=first_output.tensor(name), clone=False)
                 writer.finalize()
+                finite.check_written(stage, f" for lambda={lambdas[index + 1]:g}")
         for index, stage in enumerate(stages[1:]):
             _copy_non_weight_files(stages[0], stage)
             config, text, target = configs[index + 1], texts[index + 1], targets[index + 1]

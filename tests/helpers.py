@@ -19,7 +19,7 @@ def cli(name: str) -> str:
     return str(path) if path.exists() else name
 
 
-def run_cli(*args, check=True, env=None, timeout=600):
+def run_cli(*args, check=True, env=None, timeout=600, cwd=None):
     """Run a console script as a user would; return the CompletedProcess."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -33,6 +33,7 @@ def run_cli(*args, check=True, env=None, timeout=600):
         text=True,
         env=full_env,
         timeout=timeout,
+        cwd=cwd,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -59,8 +59,8 @@ def test_three_models(pair, tmp_path):
 def test_shape_mismatch_names_tensor_and_shapes(pair, tmp_path):
     base, _ = pair
     wider = write_pair(tmp_path / "wide", arch="llama", layers=1, seed=4, intermediate=96)[1]
-    err = fail(tmp_path, cfg(base, [wider]), "Tensor size mismatch for model.layers.0.mlp.down_proj.weight")
-    assert "(64, 128)" in err and "(64, 96)" in err
+    line = one_line(fail(tmp_path, cfg(base, [wider]), "model.layers.0.mlp.down_proj.weight: shape (64, 128)"))
+    assert f"(64, 128) in the base model ({base})" in line and f"(64, 96) in the instruct model ({wider})" in line
 
 
 @pytest.mark.parametrize("which,value", [("instruct", float("nan")), ("base", float("inf"))])

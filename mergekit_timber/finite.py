@@ -1,0 +1,49 @@
+"""A Timber output is published only if every tensor is finite as written.
+
+mergekit casts each merged tensor to `out_dtype` (or a weight's forced dtype) when it
+saves it, out of the method's sight: a float16 output whose values exceed 65504 holds
+Inf on disk although the merge itself was finite. So the written, still staged, output
+is read back and checked in the dtype each tensor was written in (mergekit_timber.seam
+runs this before publishing; the sweep checks each of its outputs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mergekit_timber import input_pages
+from mergekit_timber.errors import TimberInputError
+
+_CHUNK = 1 << 22  # elements per check: never a full-size boolean mask of a large tensor
+
+
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """NaN/Inf values of a floating-point `tensor`, counted chunk by chunk."""
+    flat = tensor.reshape(-1)
+    bad = 0
+    for start in range(0, flat.numel(), _CHUNK):
+        finite = torch.isfinite(flat[start : start + _CHUNK])
+        if not bool(finite.all()):
+            bad += int((~finite).sum())
+    return bad
+
+
+def check_written(model_dir: Path, label: str = "") -> None:
+    """Raise naming the first tensor of `model_dir` that holds NaN/Inf as written."""
+    from mergekit_timber.checkpoint import Checkpoint
+
+    with Checkpoint(Path(model_dir), "merged model") as written:
+        for name in written.names():
+            tensor = written.tensor(name)
+            if not tensor.is_floating_point():
+                continue
+            bad = count_nonfinite(tensor)
+            input_pages.release(tensor)  # read once: do not keep the whole output resident
+            if bad:
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                raise TimberInputError(
+                    f"{name}: the merged tensor{label} holds {bad} Inf/NaN value(s) in {dtype}, "
+                    "the output dtype; use a wider dtype (out_dtype: bfloat16 or float32)"
+                )
