@@ -149,6 +149,12 @@ LAYOUTS: Dict[str, Tuple[Tuple[re.Pattern, Experts], ...]] = {
 }
 LAYOUTS["llama4_text"] = LAYOUTS["llama4"]
 
+# 2-D tensors that stack experts along axis 0 (DBRX: ffn.experts.mlp.w1/v1/w2
+# [E*I, H]): read as one matrix they would mix experts; not supported, so they stop.
+UNSUPPORTED: Dict[str, re.Pattern] = {
+    "dbrx": re.compile(r"(^|\.)experts\.mlp\.(w1|v1|w2)$"),
+}
+
 # Convolution modules of transformers models (nn.Conv1d/2d/3d weights): one kernel,
 # read as [out, -1] like the authors' script reads every tensor of > 2 dimensions.
 _CONVOLUTION = re.compile(
@@ -232,6 +238,13 @@ def split(
         return KEPT_VOCABULARY
     if name.endswith("bias"):
         return KEPT_BIAS
+    unsupported = UNSUPPORTED.get(arch.model_type or "")
+    if unsupported is not None and unsupported.search(name):
+        raise TimberInputError(
+            f"{name}: shape {list(shape)}: {arch.label} stacks its experts along axis 0 of a "
+            "2-D tensor; Timber does not split this layout yet and will not refine the "
+            "experts as one matrix"
+        )
     for model_type in (arch.model_type, arch.text_model_type):
         for pattern, experts in LAYOUTS.get(model_type or "", ()):
             if pattern.search(name):
