@@ -174,7 +174,7 @@ def refined_tensor_names(
     config = instruct.config()
     arch = layout.architecture_of(config)
     shapes = {name: instruct.info(name)[0] for name in i_names}
-    vocabulary = layout.vocabulary_names(config, sorted(i_names), shapes)
+    vocabulary = layout.vocabulary_names(instruct.directory, config, sorted(i_names), shapes)
     selected = []
     for name in sorted(i_names, key=tensor_order):
         if name_filter and name_filter not in name:

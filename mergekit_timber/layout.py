@@ -304,8 +304,10 @@ def architecture_of_model(model: Any) -> Architecture:
     return arch
 
 
-def vocabulary_names(config: Mapping[str, Any], names: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> set:
-    """Names of the vocabulary-sized tensors of a checkpoint, as mergekit marks them.
+def vocabulary_names(
+    directory: str, config: Mapping[str, Any], names: Sequence[str], shapes: Mapping[str, Sequence[int]]
+) -> set:
+    """Names of the vocabulary-sized tensors of a checkpoint directory, as mergekit marks them.
 
     mergekit's architecture definition (vocabulary_axis) where it has one; otherwise
     the input/output embeddings: 2-D tensors whose first axis is the vocabulary size.
@@ -315,7 +317,7 @@ def vocabulary_names(config: Mapping[str, Any], names: Sequence[str], shapes: Ma
         from mergekit.architecture import arch_info_for_config
         from transformers import AutoConfig
 
-        cfg = AutoConfig.for_model(**dict(config))
+        cfg = AutoConfig.from_pretrained(str(directory))
         info = arch_info_for_config(cfg) if cfg.architectures else None
         if info is not None:
             for weight in info.all_weights(cfg):
@@ -327,4 +329,8 @@ def vocabulary_names(config: Mapping[str, Any], names: Sequence[str], shapes: Ma
         return found & set(names)
     text = config.get("text_config") or {}
     vocab = text.get("vocab_size") or config.get("vocab_size")
-    return {n for n in names if vocab and len(shapes[n]) == 2 and shapes[n][0] == vocab}
+    # outside the numbered layers only: a layer's matrix may share the vocabulary size
+    return {
+        n for n in names
+        if vocab and len(shapes[n]) == 2 and shapes[n][0] == vocab and not re.search(r"\.\d+\.", n)
+    }

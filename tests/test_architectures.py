@@ -228,3 +228,33 @@ def test_split_and_restore_are_inverse_and_slice_like_the_forward(layout_name, s
             idx = slice(k, None, 2) if experts.interleaved else slice(k * 4, (k + 1) * 4)
             want = t[e][idx] if experts.fused_axis == 1 else t[e][:, idx]
         assert torch.equal(stack[j], want), (part, e)
+
+
+@pytest.mark.parametrize("arch", ["llama4", "granitemoehybrid", "qwen3_moe", "llama"])
+def test_analyze_uses_the_same_split(arch, tmp_path):
+    """analyze reads checkpoints as stored (per-expert Hub tensors, Granite's input_linear,
+    Llama 4's [E, H, 2I]) and gives one row per linear map of the forward, as the merge."""
+    from mergekit_timber import analysis as an
+    from oracle import erank
+
+    cls, base_dir, instruct_dir = build_pair(arch, tmp_path)
+    base, instruct = (load(cls, d)[0].state_dict() for d in (base_dir, instruct_dir))
+    b, i = an.Checkpoint(base_dir, "base"), an.Checkpoint(instruct_dir, "instruct")
+    try:
+        rows = an.analyze_pair(b, i, lam=LAM).rows
+        no_vocab = an.analyze_pair(b, i, lam=LAM, refine_embeddings=False).rows
+        on_disk = set(i.names())
+    finally:
+        b.close()
+        i.close()
+    want = sorted(
+        erank(torch.linalg.svdvals(i_m.double() - b_m.double()))
+        for name, wi in instruct.items()
+        # a tied lm_head is the embedding: one tensor on disk, one row
+        if refined(name, wi) and (not name.endswith("lm_head.weight") or name in on_disk)
+        for b_m, i_m in zip(forward_maps(arch, name, base[name]).values(),
+                            forward_maps(arch, name, wi).values())
+    )
+    assert sorted(r["erank_delta"] for r in rows) == pytest.approx(want, rel=1e-6)
+    vocab = {r["tensor"] for r in rows} - {r["tensor"] for r in no_vocab}
+    assert vocab and all("embed" in n or "lm_head" in n for n in vocab), vocab
