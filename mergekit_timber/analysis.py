@@ -57,7 +57,8 @@ from mergekit_timber.kernel import (
     right_spectrum,
     singular_values,
 )
-from mergekit_timber.method import as_matrix_stack, check_finite, is_expert_stack, is_fused_gate_up
+from mergekit_timber import layout
+from mergekit_timber.method import check_finite
 
 # Columns of erank.csv, in order, with their meaning (shown by `mergekit-timber analyze
 # --help` and included in the --format json output as "columns").
@@ -145,8 +146,14 @@ def _architecture(cfg: dict) -> str:
     return ",".join(archs) if archs else str(cfg.get("model_type") or "")
 
 
-def refined_tensor_names(base: Checkpoint, instruct: Checkpoint, name_filter: Optional[str] = None) -> List[str]:
-    """Names of the tensors Timber refines, after checking the pair matches."""
+def refined_tensor_names(
+    base: Checkpoint,
+    instruct: Checkpoint,
+    name_filter: Optional[str] = None,
+    refine_embeddings: bool = True,
+) -> List[Tuple[str, layout.Split]]:
+    """(name, split) of the tensors Timber refines (mergekit_timber.layout's rule),
+    after checking the pair matches."""
     b_arch, i_arch = _architecture(base.config()), _architecture(instruct.config())
     if b_arch and i_arch and b_arch != i_arch:
         raise TimberInputError(
@@ -162,6 +169,10 @@ def refined_tensor_names(base: Checkpoint, instruct: Checkpoint, name_filter: Op
         if only_i:
             parts.append(f"{len(only_i)} only in instruct (e.g. {only_i[0]})")
         raise TimberInputError("base and instruct hold different tensors: " + "; ".join(parts))
+    config = instruct.config()
+    arch = layout.architecture_of(config)
+    shapes = {name: instruct.info(name)[0] for name in i_names}
+    vocabulary = layout.vocabulary_names(instruct.directory, config, sorted(i_names), shapes)
     selected = []
     for name in sorted(i_names, key=tensor_order):
         if name_filter and name_filter not in name:
@@ -169,8 +180,12 @@ def refined_tensor_names(base: Checkpoint, instruct: Checkpoint, name_filter: Op
         (b_shape, b_dtype), (i_shape, i_dtype) = base.info(name), instruct.info(name)
         if b_shape != i_shape:
             raise TimberInputError(f"{name}: base shape {b_shape} != instruct shape {i_shape}")
-        if len(i_shape) >= 2 and i_dtype in _FLOAT_DTYPES and math.prod(i_shape) > 0:
-            selected.append(name)
+        split = layout.split(
+            name, i_shape, arch, floating=i_dtype in _FLOAT_DTYPES,
+            vocabulary=name in vocabulary, refine_embeddings=refine_embeddings,
+        )
+        if split.refined:
+            selected.append((name, split))
     if not selected:
         what = f" matching --filter {name_filter!r}" if name_filter else ""
         raise TimberInputError(f"no tensor that Timber refines (floating, 2 or more dims){what}")
@@ -189,21 +204,20 @@ class Stack:
     labels: List[Tuple[Optional[int], str, Optional[int]]]  # (layer, module, expert)
 
 
-def split_matrices(name: str, base: torch.Tensor, instruct: torch.Tensor) -> Stack:
-    """The matrices Timber decomposes in one tensor, as method.refine_tensor splits them."""
+def split_matrices(
+    name: str, base: torch.Tensor, instruct: torch.Tensor, split: Optional[layout.Split] = None
+) -> Stack:
+    """The matrices Timber decomposes in one tensor, as the merge splits them."""
     layer, module, expert = parse_name(name)
-    stacks = as_matrix_stack(name, base), as_matrix_stack(name, instruct)
-    if is_fused_gate_up(name, instruct):
-        experts = instruct.shape[0]
-        labels = [
-            (layer, module.replace("gate_up_proj", proj), e)
-            for proj in ("gate_proj", "up_proj")  # as_matrix_stack's order: gates, then ups
-            for e in range(experts)
-        ]
-    elif is_expert_stack(name, instruct):
-        labels = [(layer, module, e) for e in range(instruct.shape[0])]
-    else:
-        labels = [(layer, module, expert)]
+    split = split or layout.split(name, instruct.shape)
+    stacks = split.matrices(base), split.matrices(instruct)
+    if split.experts is None:
+        return Stack(*stacks, [(layer, module, expert)])
+    stem = module.rsplit(".", 1)[0] if "." in module else "experts"
+    labels = [
+        (layer, f"{stem}.{proj}" if proj else module, e)
+        for proj, e in split.labels(instruct.shape)  # parts outer, experts inner
+    ]
     return Stack(*stacks, labels)
 
 
@@ -298,17 +312,19 @@ def analyze_pair(
     out_dtype: Optional[torch.dtype] = None,
     name_filter: Optional[str] = None,
     progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
+    refine_embeddings: bool = True,
 ) -> Analysis:
     """Rows (one per matrix) and summary for a pair; `progress` wraps the tensor loop."""
     if not 0 <= lam <= 1:
         raise TimberInputError(f"lambda must lie in [0, 1]; got {lam}")
-    names = refined_tensor_names(base, instruct, name_filter)
+    selected = dict(refined_tensor_names(base, instruct, name_filter, refine_embeddings))
+    names = list(selected)
     rows: List[Dict[str, Any]] = []
     for name in progress(names) if progress else names:
         b, i = base.tensor(name), instruct.tensor(name)
         check_finite(name, "base", b)
         check_finite(name, "instruct", i)
-        stack = split_matrices(name, b, i)
+        stack = split_matrices(name, b, i, selected[name])
         target = out_dtype or i.dtype
         stats = stack_stats(stack.base, stack.instruct, lam, rule, target)
         for j, (layer, module, expert) in enumerate(stack.labels):
@@ -337,7 +353,7 @@ def matrix_label(row: Dict[str, Any]) -> str:
     if row.get("expert") is None or parse_name(row["tensor"])[2] is not None:
         return row["tensor"]
     proj = row["module"].split(".")[-1]
-    fused = row["tensor"].endswith("gate_up_proj")
+    fused = proj not in row["tensor"]  # one of several projections fused in the tensor
     return f"{row['tensor']} [expert {row['expert']}{', ' + proj if fused else ''}]"
 
 
@@ -589,13 +605,14 @@ def run(
     out_dtype: Optional[str] = None,
     name_filter: Optional[str] = None,
     progress: Optional[Callable[[Iterable[str]], Iterable[str]]] = None,
+    refine_embeddings: bool = True,
 ) -> Analysis:
     """Analyze a pair and write erank.csv, summary.json and the three plots to `out_dir`."""
     dtype = getattr(torch, out_dtype) if out_dtype else None  # a name of checkpoint.DTYPES
     base = Checkpoint(resolve_model(base_ref, "base"), "base")
     instruct = Checkpoint(resolve_model(instruct_ref, "instruct"), "instruct")
     try:
-        analysis = analyze_pair(base, instruct, lam, rule, dtype, name_filter, progress)
+        analysis = analyze_pair(base, instruct, lam, rule, dtype, name_filter, progress, refine_embeddings)
     finally:
         base.close()
         instruct.close()

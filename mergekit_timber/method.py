@@ -1,8 +1,9 @@
 """The mergekit adapter: `timber` and `timber_l` as mergekit GroupMergeMethods.
 
-This module maps mergekit's per-tensor call onto the kernel: it picks which tensors
-are refined, splits stacked MoE experts and fused projections into matrices, checks
-the inputs, and reads the parameters. The maths lives in mergekit_timber.kernel.
+This module maps mergekit's per-tensor call onto the kernel: it asks
+mergekit_timber.layout which tensors are refined and how each splits into matrices
+(stacked MoE experts, fused projections), checks the inputs, and reads the
+parameters. The maths lives in mergekit_timber.kernel.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_timber import DISTRIBUTION, PAPER_URL, input_pages
+from mergekit_timber import DISTRIBUTION, PAPER_URL, input_pages, layout
 from mergekit_timber.errors import TimberConfigError, TimberInputError
 from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
@@ -150,67 +151,35 @@ def head_rule(rank_ratio: Optional[float], energy: Optional[float], tensor: str)
     return ERANK
 
 
-def is_expert_stack(name: str, tensor: torch.Tensor) -> bool:
-    """mergekit 0.1.5 stores MoE experts stacked, e.g. mlp.experts.down_proj [E, H, I]."""
-    return tensor.ndim == 3 and ".experts." in f".{name}."
-
-
-def is_fused_gate_up(name: str, tensor: torch.Tensor) -> bool:
-    """Fused [E, 2I, H] gate_up_proj: gate and up are separate projections."""
-    return is_expert_stack(name, tensor) and name.endswith("gate_up_proj")
-
-
 def refine_tensor(
     name: str,
     base: torch.Tensor,
     instruct: torch.Tensor,
     lam: Union[float, Sequence[float]],
     rule: HeadRule = ERANK,
+    split: Optional[layout.Split] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Timber on one checkpoint tensor, in the instruct tensor's dtype and device.
 
-    With a sequence of lambdas, one decomposition serves them all and a tuple of
-    results comes back, each bit-identical to a run with that lambda alone.
+    `split` (mergekit_timber.layout) says which matrices the tensor holds; without
+    it, the layout rule of an unknown architecture (2-D: one matrix; stacked experts
+    need their architecture). With a sequence of lambdas, one decomposition serves
+    them all and a tuple of results comes back, each bit-identical to a run with
+    that lambda alone.
     """
     many = not isinstance(lam, (int, float))
     lams = [float(x) for x in lam] if many else [float(lam)]
-    outs = _refine(name, base, instruct, lams, rule)
+    split = split or layout.split(name, instruct.shape)
+    outs = _refine(split, base, instruct, lams, rule)
     # lambda = 1 is the instruct tensor itself, bit for bit (a sweep may mix it with others).
     outs = tuple(instruct if x == 1 else o for x, o in zip(lams, outs))
     return outs if many else outs[0]
 
 
-def as_matrix_stack(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The [B, m, n] matrices Timber decomposes one by one in a checkpoint tensor.
-
-    Stacked experts: one per expert; fused gate_up_proj [E, 2I, H]: one per expert and
-    per projection (all gates, then all ups); anything else: one matrix [out, -1], as
-    the authors' script reshapes tensors of more than 2 dimensions.
-    """
-    if is_fused_gate_up(name, tensor):
-        if tensor.shape[1] % 2:
-            raise TimberInputError(
-                f"{name}: fused gate_up_proj has an odd dimension 1 ({tensor.shape[1]})"
-            )
-        experts, width = tensor.shape[0], tensor.shape[1] // 2
-        return tensor.reshape(experts, 2, width, -1).transpose(0, 1).reshape(2 * experts, width, -1)
-    if is_expert_stack(name, tensor):
-        return tensor
-    return tensor.reshape(1, tensor.shape[0], -1)
-
-
-def from_matrix_stack(name: str, stack: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Inverse of as_matrix_stack: the stack back in the checkpoint layout of `like`."""
-    if is_fused_gate_up(name, like):
-        experts, width = like.shape[0], like.shape[1] // 2
-        return stack.reshape(2, experts, width, -1).transpose(0, 1).reshape(like.shape)
-    return stack.reshape(like.shape)
-
-
-def _refine(name, base, instruct, lams, rule) -> Tuple[torch.Tensor, ...]:
-    stacks = as_matrix_stack(name, base), as_matrix_stack(name, instruct)
+def _refine(split, base, instruct, lams, rule) -> Tuple[torch.Tensor, ...]:
+    stacks = split.matrices(base), split.matrices(instruct)
     outs = refine_stack(*stacks, lams, rule, read_hook=input_pages.release).tensors
-    return tuple(from_matrix_stack(name, out, instruct) for out in outs)
+    return tuple(split.restore(out, instruct) for out in outs)
 
 
 def check_finite(name: str, which: str, tensor: torch.Tensor) -> None:
@@ -291,8 +260,9 @@ class TimberMerge(GroupMergeMethod):
         lam = 0.0 if self.tail_removed else float(_single(parameters["lambda"]))
         lams = [lam, *self.extra_lambdas]
         vocab = group.metadata.vocabulary_axis is not None
+        arch = layout.architecture_of_model(group.non_base[0].id)  # cached per model
         try:
-            outs = self._merge(name, base, instruct, lams, vocab, parameters)
+            outs = self._merge(name, base, instruct, lams, vocab, parameters, arch)
         finally:
             # Read once: their pages need not stay resident for the rest of the merge.
             input_pages.release(base, instruct)
@@ -300,19 +270,18 @@ class TimberMerge(GroupMergeMethod):
             self.sink(name, outs[1:])
         return outs[0]
 
-    def _merge(self, name, base, instruct, lams, vocab, parameters) -> Tuple[torch.Tensor, ...]:
+    def _merge(self, name, base, instruct, lams, vocab, parameters, arch=layout.UNKNOWN) -> Tuple[torch.Tensor, ...]:
         keep = (instruct,) * len(lams)
         if not instruct.is_floating_point():
             # mergekit-yaml copies integer buffers itself, but mergekit's direct call
             # (`method(groups)`) hands them to the method as they are.
             return keep
         rule = head_rule(_single(parameters["rank_ratio"]), _single(parameters["energy"]), name)
-        decomposed = (
-            instruct.ndim >= 2  # norms and biases: the instruct model's, as the authors do
-            and not (vocab and not _single(parameters["refine_embeddings"]))
-            and not all(x == 1 for x in lams)
+        split = layout.split(
+            name, instruct.shape, arch, vocabulary=vocab,
+            refine_embeddings=_single(parameters["refine_embeddings"]),
         )
-        if not decomposed:
+        if not split.refined or all(x == 1 for x in lams):
             check_finite(name, "base", base)
             check_finite(name, "instruct", instruct)
             return keep
@@ -321,7 +290,7 @@ class TimberMerge(GroupMergeMethod):
             LOG.warning("%s: base and instruct are identical; kept the instruct tensor", name)
             return keep
         try:
-            return refine_tensor(name, base, instruct, lams, rule)
+            return refine_tensor(name, base, instruct, lams, rule, split)
         except NonFiniteDelta:
             # The kernel saw it in the Gram (cheap); now find which input holds it.
             check_finite(name, "base", base)

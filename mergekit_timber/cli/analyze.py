@@ -37,6 +37,9 @@ class _AnalyzeCommand(click.Command):
               help="table: summary for people; json: summary and every row on stdout.")
 @click.option("--filter", "name_filter", metavar="SUBSTRING",
               help="Only tensors whose checkpoint name contains SUBSTRING (e.g. self_attn, layers.3.).")
+@click.option("--refine-embeddings/--no-refine-embeddings", default=True, show_default=True,
+              help="Include vocabulary-sized tensors (embeddings, lm_head), as the merge's "
+              "refine_embeddings parameter.")
 def analyze(
     base: str,
     instruct: str,
@@ -47,6 +50,7 @@ def analyze(
     energy: Optional[float],
     fmt: str,
     name_filter: Optional[str],
+    refine_embeddings: bool,
 ) -> None:
     """Spectral analysis of a BASE/INSTRUCT pair: what Timber does to each matrix.
 
@@ -79,7 +83,8 @@ def analyze(
 
     try:
         result = an.run(base, instruct, out_dir, lam=lam, rule=rule, out_dtype=out_dtype,
-                        name_filter=name_filter, progress=progress)
+                        name_filter=name_filter, progress=progress,
+                        refine_embeddings=refine_embeddings)
     except TimberError as exc:
         raise click.ClickException(str(exc)) from None
 
