@@ -353,7 +353,8 @@ def matrix_label(row: Dict[str, Any]) -> str:
     if row.get("expert") is None or parse_name(row["tensor"])[2] is not None:
         return row["tensor"]
     proj = row["module"].split(".")[-1]
-    fused = proj not in row["tensor"]  # one of several projections fused in the tensor
+    stored = row["tensor"].removesuffix(".weight").rsplit(".", 1)[-1]
+    fused = stored != proj  # one of several projections fused in the tensor (gate_up_proj)
     return f"{row['tensor']} [expert {row['expert']}{', ' + proj if fused else ''}]"
 
 

@@ -129,6 +129,15 @@ def instruct_dir(config, options) -> Path:
     return Path(_get_donor_model(config, options=options)[1])
 
 
+# Files any tokenizer saved by transformers leaves (one of them is enough to try a copy).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    """Whether there is a tokenizer to copy (else transformers would invent an empty one)."""
+    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def _mergekit_makes_tokenizer(config) -> bool:
     """An explicit tokenizer step (mergekit builds and saves the tokenizer, embeddings aligned)."""
     return config.tokenizer is not None or config.tokenizer_source is not None
@@ -219,7 +228,9 @@ def write_merge(
     hold_config(stage)
 
     instruct, source = instruct_model(config).model.path, instruct_dir(config, options)
-    if options.copy_tokenizer and not explicit_tokenizer:
+    if options.copy_tokenizer and not explicit_tokenizer and not has_tokenizer(source):
+        LOG.warning("%s has no tokenizer files: the output has no tokenizer either", instruct)
+    elif options.copy_tokenizer and not explicit_tokenizer:
         with _step(f"copying the tokenizer of {instruct}"):
             _merge._copy_tokenizer(config, str(stage), options=options)  # from the Instruct model
     generation = source / "generation_config.json"
@@ -268,7 +279,7 @@ def _ref_md(ref) -> str:
     return one(ref.model.path) + (f" + {one(ref.lora.path)}" if ref.lora else "")
 
 
-def _tokenizer_origin(config, options, instruct_md: str) -> str:
+def _tokenizer_origin(config, options, instruct_md: str, instruct_dir: Path) -> str:
     source = config.tokenizer.source if config.tokenizer is not None else config.tokenizer_source
     if source == "union":
         return "the union of the input models' vocabularies (the recipe's tokenizer step)"
@@ -278,6 +289,8 @@ def _tokenizer_origin(config, options, instruct_md: str) -> str:
         return f"{_ref_md(source)} (the recipe's tokenizer step)"
     if not options.copy_tokenizer:
         return "none (--no-copy-tokenizer)"
+    if not has_tokenizer(instruct_dir):
+        return "none (the Instruct model has none)"
     return f"{instruct_md} (the Instruct model)"
 
 
@@ -289,7 +302,7 @@ def model_card(config, config_yaml: str, *, name: str, options, instruct_dir: Pa
     refs = sorted(config.referenced_models(), key=str)
     hub = [p for r in refs for p in (r.model.path, r.lora.path if r.lora else None) if p and _is_hub(p)]
     instruct_md = _ref_md(instruct_model(config))
-    tokenizer = _tokenizer_origin(config, options, instruct_md)
+    tokenizer = _tokenizer_origin(config, options, instruct_md, instruct_dir)
     chat = "the recipe's `chat_template:`" if config.chat_template else f"with the tokenizer: {tokenizer}"
     vocab = ", vocabulary size set by the tokenizer step" if _mergekit_makes_tokenizer(config) else ""
     generation = (
