@@ -62,16 +62,16 @@ def bin_path(name: str) -> str:
 
 def run(args: list, env: dict, log: Path) -> str:
     """Run one step as a user would; its output goes to LOG; stop on failure."""
+    name = Path(str(args[1] if args[0] == sys.executable else args[0])).name
     start = time.time()
     proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"$ {' '.join(map(str, args))}\n{proc.stdout}{proc.stderr}\n")
     if proc.returncode != 0:
-        raise SystemExit(f"error: {Path(str(args[0])).name} failed ({proc.returncode}); "
+        raise SystemExit(f"error: {name} failed ({proc.returncode}); "
                          f"last output:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    print(f"  {Path(str(args[1] if args[0] == sys.executable else args[0])).name}: {time.time() - start:.0f} s",
-          file=sys.stderr)
+    print(f"  {name}: {time.time() - start:.0f} s", file=sys.stderr)
     return proc.stdout
 
 
