@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""Train a tiny Base/Instruct pair (Qwen3 architecture) on the CPU, deterministically.
+
+    python scripts/toy_pair.py OUT [--preset default|fast|smallest] [--seed 0]
+
+Base: a small Qwen3ForCausalLM trained from scratch on plain-text sums of digits written
+out along several valid solution paths (scripts/toy_task.py), documents separated by
+``<|endoftext|>``, its end-of-sequence token. Instruct: Base fine-tuned (SFT, loss on the
+assistant turn only) on chats in ONE answer style, with a Qwen-style chat template and
+``<|im_end|>`` as end of turn. Both share one character-level tokenizer (same ids, so
+same tensor shapes, as Timber needs); they differ where real pairs differ: the Instruct
+has the chat template and eos ``<|im_end|>`` in its tokenizer, config.json and
+generation_config.json, Base has eos ``<|endoftext|>`` and no template.
+
+Writes OUT/base/ and OUT/instruct/ (safetensors, config.json, generation_config.json,
+tokenizer files), OUT/heldout_base.jsonl (plain prompts for Base) and
+OUT/heldout_chat.jsonl (user messages for chat models), both in scripts/sample.py's
+{"id", "prompt", "answer"} format, and OUT/pair.json (the settings and the losses).
+
+Same seed, same preset and same torch thread count give the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import string
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # toy_task beside this script
+import toy_task  # noqa: E402
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIALS = [ENDOFTEXT, IM_START, IM_END]
+ALPHABET = sorted(set(string.ascii_letters + string.digits + " \n+-=*,.:?!\\{}()"))
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    base_steps: int
+    sft_steps: int
+    batch: int  # sequences per step
+    block: int  # tokens per packed Base sequence
+    base_lr: float
+    sft_lr: float
+    held_out: int
+
+
+PRESETS = {
+    # About 5 minutes on 2 CPU cores.
+    "default": Preset(hidden=128, layers=3, heads=4, kv_heads=2, intermediate=256, base_steps=800,
+                      sft_steps=200, batch=16, block=128, base_lr=3e-3, sft_lr=5e-4, held_out=100),
+    # For tests and quick looks: well under a minute on one core.
+    "fast": Preset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=192, base_steps=300,
+                   sft_steps=100, batch=16, block=128, base_lr=3e-3, sft_lr=1e-3, held_out=40),
+    "smallest": Preset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, base_steps=40,
+                       sft_steps=30, batch=8, block=64, base_lr=3e-3, sft_lr=1e-3, held_out=8),
+}
+
+
+def build_tokenizer():
+    """Character-level BPE (no merges) with Qwen's special tokens, via `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + ALPHABET)}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.add_special_tokens(SPECIALS)
+    raw.decoder = decoders.Fuse()  # characters join back without separators
+    return raw
+
+
+def wrap_tokenizer(raw, instruct: bool):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token=IM_END if instruct else ENDOFTEXT, pad_token=ENDOFTEXT,
+        additional_special_tokens=[IM_START, IM_END] if instruct else None,
+    )
+    if instruct:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def model_config(preset: Preset, vocab_size: int, ids: dict[str, int]):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size, hidden_size=preset.hidden, intermediate_size=preset.intermediate,
+        num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
+        num_key_value_heads=preset.kv_heads, head_dim=preset.hidden // preset.heads,
+        max_position_embeddings=512, tie_word_embeddings=True, rope_theta=10000.0,
+        bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[ENDOFTEXT], pad_token_id=ids[ENDOFTEXT],
+        torch_dtype="float32",
+    )
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+
+
+def _schedule(step: int, total: int, peak: float) -> float:
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _train(model, batches, steps: int, lr: float, label: str, log_every: int) -> float:
+    """AdamW with warmup and cosine decay; returns the mean loss of the last tenth of steps."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    model.train()
+    tail, start = [], time.time()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _schedule(step, steps, lr)
+        input_ids, attention_mask, labels = batches(step)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step >= steps - max(1, steps // 10):
+            tail.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"{label} step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f} s)",
+                  file=sys.stderr)
+    model.eval()
+    return sum(tail) / len(tail)
+
+
+def base_batches(raw, preset: Preset, train_problem, rng: random.Random):
+    """Packed blocks of documents, each followed by <|endoftext|>, as pretraining does."""
+    import torch
+
+    eot = raw.token_to_id(ENDOFTEXT)
+    need = preset.base_steps * preset.batch * preset.block + preset.block
+    stream: list[int] = []
+    while len(stream) < need:
+        stream += raw.encode(toy_task.base_document(train_problem(rng), rng)).ids + [eot]
+    data = torch.tensor(stream[:need], dtype=torch.long)
+
+    def batch(step: int):
+        first = step * preset.batch * preset.block
+        x = data[first : first + preset.batch * preset.block].view(preset.batch, preset.block)
+        return x, None, x
+
+    return batch
+
+
+def chat_text(problem: tuple[int, ...], with_answer: bool) -> tuple[str, str]:
+    prompt = (f"{IM_START}user\n{toy_task.chat_prompt(problem)}{IM_END}\n{IM_START}assistant\n")
+    return prompt, (toy_task.instruct_answer(problem) + IM_END + "\n") if with_answer else ""
+
+
+def sft_batches(raw, preset: Preset, train_problem, rng: random.Random):
+    """Right-padded chats; the loss covers the assistant turn only (its <|im_end|> included)."""
+    import torch
+
+    pad = raw.token_to_id(ENDOFTEXT)
+
+    def batch(step: int):
+        rows = []
+        for _ in range(preset.batch):
+            prompt, reply = chat_text(train_problem(rng), with_answer=True)
+            p, r = raw.encode(prompt).ids, raw.encode(reply).ids
+            rows.append((p + r, [-100] * len(p) + r))
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (x, y) in enumerate(rows):
+            ids[i, : len(x)] = torch.tensor(x)
+            labels[i, : len(y)] = torch.tensor(y)
+            mask[i, : len(x)] = 1
+        return ids, mask, labels
+
+    return batch
+
+
+def save_model(model, tokenizer, path: Path, instruct: bool, ids: dict[str, int]) -> None:
+    from transformers import GenerationConfig
+
+    eos = ids[IM_END] if instruct else ids[ENDOFTEXT]
+    model.config.eos_token_id = eos
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    # Like Qwen3: the Instruct stops on end of turn (and end of text), Base on end of text.
+    generation = GenerationConfig(
+        bos_token_id=ids[ENDOFTEXT], pad_token_id=ids[ENDOFTEXT],
+        eos_token_id=[ids[IM_END], ids[ENDOFTEXT]] if instruct else ids[ENDOFTEXT],
+        do_sample=instruct, temperature=0.7 if instruct else None,
+    )
+    generation.save_pretrained(path)
+
+
+def write_heldout(out: Path, held: list[tuple[int, ...]]) -> None:
+    for name, prompt in (("heldout_base.jsonl", toy_task.base_prompt), ("heldout_chat.jsonl", toy_task.chat_prompt)):
+        with open(out / name, "w", encoding="utf-8") as f:
+            for i, problem in enumerate(held):
+                row = {"id": f"sum-{i}", "prompt": prompt(problem), "answer": str(toy_task.answer(problem))}
+                f.write(json.dumps(row) + "\n")
+
+
+def build_pair(out: Path, preset_name: str = "default", seed: int = 0, threads: int | None = None,
+               log_every: int = 100) -> dict:
+    """Train and write the pair under OUT; returns what OUT/pair.json records."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    preset = PRESETS[preset_name]
+    seed_everything(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = build_tokenizer()
+    ids = {t: raw.token_to_id(t) for t in SPECIALS}
+    held, train_problem = toy_task.split_problems(seed, preset.held_out)
+    write_heldout(out, held)
+
+    start = time.time()
+    model = Qwen3ForCausalLM(model_config(preset, raw.get_vocab_size(), ids))
+    base_loss = _train(model, base_batches(raw, preset, train_problem, random.Random(seed + 1)),
+                       preset.base_steps, preset.base_lr, "base", log_every)
+    save_model(model, wrap_tokenizer(raw, instruct=False), out / "base", instruct=False, ids=ids)
+    sft_loss = _train(model, sft_batches(raw, preset, train_problem, random.Random(seed + 2)),
+                      preset.sft_steps, preset.sft_lr, "sft", log_every)
+    save_model(model, wrap_tokenizer(raw, instruct=True), out / "instruct", instruct=True, ids=ids)
+
+    record = {"preset": preset_name, "seed": seed, "threads": torch.get_num_threads(),
+              "settings": dataclasses.asdict(preset), "base_final_loss": round(base_loss, 4),
+              "sft_final_loss": round(sft_loss, 4), "train_seconds": round(time.time() - start, 1),
+              "parameters": sum(p.numel() for p in model.parameters())}
+    (out / "pair.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path, help="directory for base/, instruct/ and the held-out problems")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: the results depend on it, and on a busy machine more threads are slower)")
+    args = p.parse_args(argv)
+    record = build_pair(args.out, args.preset, args.seed, args.threads)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
