@@ -46,11 +46,11 @@ def cfg(base, instruct, **params):
     return c
 
 
-def fail(tmp_path, config, *culprits, cwd=None, started=False):
+def fail(tmp_path, config, *culprits, cwd=None):
     """Run mergekit-yaml on `config`; return the single error line, checked.
 
-    Preflight failures leave no output directory at all; a merge stopped once
-    `started` leaves no config.json (nothing transformers would load).
+    A failed Timber merge leaves no output directory at all, whether it stopped in
+    preflight or mid-merge (the staged directory is discarded).
     """
     path = write_yaml(tmp_path / "bad.yml", config)
     out = tmp_path / "out"
@@ -61,8 +61,8 @@ def fail(tmp_path, config, *culprits, cwd=None, started=False):
     assert last.startswith("mergekit-timber: error: "), proc.stderr[-4000:]
     for culprit in culprits:
         assert culprit in last, last
-    assert not (out / "config.json").exists(), "a failed merge must not look finished"
-    assert started or not out.exists(), sorted(p.name for p in out.iterdir())
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
+    assert not [p.name for p in tmp_path.iterdir() if "timber-partial" in p.name], "staging left behind"
     return last
 
 
@@ -271,7 +271,7 @@ def test_output_that_overflows_its_dtype_names_the_tensor(pair, tmp_path):
     base = copy_model(pair[0], tmp_path / "b", edit=scale)
     instruct = copy_model(pair[1], tmp_path / "i", edit=scale)
     c = dict(cfg(base, instruct), out_dtype="float16")
-    fail(tmp_path, c, f"{Q}: the merged tensor holds", "in float16, the output dtype", "use a wider dtype", started=True)
+    fail(tmp_path, c, f"{Q}: the merged tensor holds", "in float16, the output dtype", "use a wider dtype")
 
 
 def test_sweep_names_distinct_lambdas_apart():
