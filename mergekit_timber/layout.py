@@ -26,6 +26,7 @@ tensors become stacked ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_pr
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -287,14 +288,20 @@ def architecture_of_model(model: Any) -> Architecture:
 
     A plain cache of its config (threads of --multi-gpu may race to fill it; both
     read the same file). Anything without a config (an id of mergekit's tensor API)
-    gives UNKNOWN: 2-D and 1-D tensors need no architecture, others then stop.
+    gives UNKNOWN, as does an id that is neither a local directory nor a Hub id (never
+    looked up): 2-D and 1-D tensors need no architecture, others then stop.
     """
     with _LOCK:
         known = _ARCHITECTURES.get(model)
     if known is not None:
         return known
-    if not callable(getattr(model, "config", None)):
+    path = getattr(getattr(model, "model", None), "path", None)
+    if not callable(getattr(model, "config", None)) or not isinstance(path, str):
         return UNKNOWN
+    from mergekit_timber.checkpoint import looks_like_hub_id
+
+    if not os.path.isdir(path) and not looks_like_hub_id(path):
+        return UNKNOWN  # an id of the tensor API naming no model: nothing to ask anyone
     from mergekit.io.tasks import LoaderCache
 
     config = model.config(trust_remote_code=LoaderCache().trust_remote_code)
