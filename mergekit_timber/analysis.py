@@ -177,7 +177,7 @@ def refined_tensor_names(
     for name in sorted(i_names, key=tensor_order):
         if name_filter and name_filter not in name:
             continue
-        (b_shape, b_dtype), (i_shape, i_dtype) = base.info(name), instruct.info(name)
+        (b_shape, _), (i_shape, i_dtype) = base.info(name), instruct.info(name)
         if b_shape != i_shape:
             raise TimberInputError(f"{name}: base shape {b_shape} != instruct shape {i_shape}")
         split = layout.split(

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from mergekit_timber.errors import TimberInputError
 
@@ -40,16 +40,19 @@ def looks_like_hub_id(ref: str) -> bool:
     return not Path(ref.split("/", 1)[0]).is_dir()
 
 
-def resolve_model(ref: str, role: str) -> Path:
-    """A local model directory for `ref`: a directory, or a Hub id (downloaded)."""
+def resolve_model(ref: str, role: str, fetch: Optional[Callable[[], str]] = None) -> Path:
+    """A local model directory for `ref`: a directory, or a Hub id, downloaded by `fetch`
+    (default: the model's json and safetensors files)."""
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise TimberInputError(f"{role} {ref!r} is not a directory")
     if not looks_like_hub_id(ref):
-        raise TimberInputError(f"{role} {ref!r}: no such directory")
+        raise TimberInputError(f"{role} {ref!r}: no such directory ({path.absolute()})")
     try:
+        if fetch is not None:
+            return Path(fetch())
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors"]))

@@ -248,25 +248,12 @@ def explain_config_error(error: BaseException, trace) -> Optional[TimberError]:
 
 def _local_dir(ref, role: str, options) -> Optional[Path]:
     """The model's local directory (a Hub id is fetched as mergekit would); None for LoRA."""
-    from mergekit_timber.checkpoint import looks_like_hub_id
+    from mergekit_timber.checkpoint import resolve_model
 
-    raw = ref.model.path
-    path = Path(raw).expanduser()
-    if path.is_dir():
-        local = path
-    elif path.exists():
-        raise TimberInputError(f"{role} {raw!r} is not a directory")
-    elif not looks_like_hub_id(raw):
-        raise TimberInputError(f"{role} {raw!r}: no such directory ({path.absolute()})")
-    else:
-        try:
-            local = Path(ref.local_path(cache_dir=options.transformers_cache, ignore_lora=True))
-        except Exception as exc:  # one line, whatever the Hub library raised
-            reason = (str(exc).strip().splitlines() or [""])[0]
-            raise TimberInputError(
-                f"{role} {raw!r} is not a local directory and could not be fetched from the "
-                f"Hugging Face Hub: {type(exc).__name__}: {reason}"
-            ) from None
+    def fetch() -> str:  # as mergekit fetches it
+        return ref.local_path(cache_dir=options.transformers_cache, ignore_lora=True)
+
+    local = resolve_model(ref.model.path, role, fetch)
     return None if ref.lora else local
 
 
