@@ -158,3 +158,39 @@ def _unreadable(role: str, file: Path, exc: BaseException) -> TimberInputError:
         f"{role} {file.parent}: {file.name} is not a readable safetensors file "
         f"(truncated or corrupt?): {_first_line(exc)}"
     )
+
+
+class PickledShards:
+    """The ``*.bin`` shards mergekit writes with ``--no-safe-serialization``, read as a
+    Checkpoint is (names, tensor by name); memory-mapped, so a tensor is read when used."""
+
+    def __init__(self, directory: Path):
+        import torch
+
+        self.directory = Path(directory)
+        self._tensors: Dict[str, torch.Tensor] = {}
+        for shard in sorted(self.directory.glob("*.bin")):
+            self._tensors.update(torch.load(shard, map_location="cpu", weights_only=True, mmap=True))
+
+    def names(self) -> List[str]:
+        return list(self._tensors)
+
+    def tensor(self, name: str) -> "torch.Tensor":
+        return self._tensors[name]
+
+    def close(self) -> None:
+        self._tensors.clear()
+
+    def __enter__(self) -> "PickledShards":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_written(directory: Path, role: str):
+    """A model directory mergekit wrote: its safetensors shards, else its ``*.bin`` ones."""
+    directory = Path(directory)
+    if any(directory.glob("*.safetensors")) or not any(directory.glob("*.bin")):
+        return Checkpoint(directory, role)
+    return PickledShards(directory)

@@ -32,9 +32,9 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
 
 def check_written(model_dir: Path, label: str = "") -> None:
     """Raise naming the first tensor of `model_dir` that holds NaN/Inf as written."""
-    from mergekit_timber.checkpoint import Checkpoint
+    from mergekit_timber.checkpoint import open_written
 
-    with Checkpoint(Path(model_dir), "merged model") as written:
+    with open_written(Path(model_dir), "merged model") as written:
         for name in written.names():
             tensor = written.tensor(name)
             if not tensor.is_floating_point():

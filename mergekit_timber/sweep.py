@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import yaml
 
-from mergekit_timber.checkpoint import Checkpoint
+from mergekit_timber.checkpoint import open_written
 from mergekit_timber import finite
 from mergekit_timber.errors import TimberConfigError
 from mergekit_timber.output_dir import OutputDir
@@ -148,7 +148,7 @@ def run_sweep(
             # The card and mergekit_config.yml come from configs[0]/texts[0]: they name `timber`.
             seam.write_merge(configs[0], stages[0], options, texts[0], name=targets[0].name, run_as=method_name)
 
-        with Checkpoint(stages[0], "sweep output") as first_output:
+        with open_written(stages[0], "sweep output") as first_output:
             for index, (stage, writer) in enumerate(zip(stages[1:], writers)):
                 # Tensors mergekit wrote without calling the method (non-float buffers,
                 # passthrough) do not depend on lambda: take them from the first output.

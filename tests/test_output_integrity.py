@@ -153,3 +153,29 @@ def test_missing_local_path_is_reported_as_such(pair, tmp_path):
     assert not (tmp_path / "out").exists()
     proc = mergekit_yaml(cfg, tmp_path / "out", cwd=tmp_path, env={"MERGEKIT_TIMBER_TRACEBACK": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "TimberInputError" in proc.stderr
+
+
+def test_pickled_output_is_checked_and_published(pair, tmp_path):
+    """--no-safe-serialization: mergekit writes pytorch_model.bin; the finite check reads it
+    and the merge (and every sweep output) is the same model as the safetensors one."""
+    base, instruct = pair
+    cfg = timber_yaml(tmp_path / "t.yml", base, instruct)
+    assert mergekit_yaml(cfg, tmp_path / "st").returncode == 0
+    proc = mergekit_yaml(cfg, tmp_path / "pt", "--no-safe-serialization")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert weight_names(tmp_path / "pt") == [] and (tmp_path / "pt" / "pytorch_model.bin").is_file()
+    want = load_dir(tmp_path / "st")
+    got = torch.load(tmp_path / "pt" / "pytorch_model.bin", weights_only=True)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+    sweep = subprocess.run(
+        [cli("mergekit-timber"), "sweep", str(cfg), str(tmp_path / "sw"), "--lambdas", "0.2,0.5",
+         "--no-safe-serialization"],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600,
+    )  # fmt: skip
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    for lam in ("0.2", "0.5"):
+        out = torch.load(tmp_path / "sw" / f"lambda-{lam}" / "pytorch_model.bin", weights_only=True)
+        assert sorted(out) == sorted(want)
+    assert all(torch.equal(v, want[k]) for k, v in torch.load(
+        tmp_path / "sw" / "lambda-0.2" / "pytorch_model.bin", weights_only=True).items())  # fmt: skip
