@@ -39,15 +39,16 @@ MODEL_FILES = (
 )  # fmt: skip
 
 
+def is_weight_file(name: str) -> bool:
+    """A weight shard or a shard index, by file name."""
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(INDEX_SUFFIX)
+
+
 def weight_files(directory: Path) -> List[Path]:
     """Weight files and their indexes directly in `directory`, sorted."""
     if not directory.is_dir():
         return []
-    return sorted(
-        item
-        for item in directory.iterdir()
-        if item.is_file() and (item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith(INDEX_SUFFIX))
-    )
+    return sorted(item for item in directory.iterdir() if item.is_file() and is_weight_file(item.name))
 
 
 def hold_config(stage: Path) -> None:

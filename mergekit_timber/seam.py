@@ -39,7 +39,6 @@ import mergekit.merge as _merge
 from mergekit_timber import finite, preflight
 from mergekit_timber.checkpoint import looks_like_hub_id
 from mergekit_timber.errors import (
-    TimberConfigError,
     TimberOutputError,
     install_excepthook,
     running_cli,
@@ -93,31 +92,27 @@ _check_supported()  # before anything below looks at mergekit.merge
 # --------------------------------------------------------------------------- which merges
 
 
-def is_timber(config) -> bool:
-    """A merge by `timber`, `timber_l` or a sweep's own Timber instance (any TimberMerge)."""
+def _timber_method(config):
+    """The TimberMerge a config names (`timber`, `timber_l`, a sweep's own), else None."""
     from mergekit.merge_methods import registry
 
     from mergekit_timber.method import TimberMerge
 
     method = registry._METHODS.get(getattr(config, "merge_method", None) or "")
-    return isinstance(method, TimberMerge)
+    return method if isinstance(method, TimberMerge) else None
+
+
+def is_timber(config) -> bool:
+    return _timber_method(config) is not None
 
 
 def instruct_model(config):
     """The one model besides base_model: where config, tokenizer and the rest come from."""
-    method = config.merge_method
-    if config.base_model is None:
-        raise TimberConfigError(
-            f"{method}: no base model: set base_model: to the Base model and list its "
-            "Instruct model under models:"
-        )
-    others = sorted((m for m in config.referenced_models() if m != config.base_model), key=str)
-    if len(others) != 1:
-        raise TimberConfigError(
-            f"{method}: needs exactly one model besides base_model, its Instruct model; "
-            f"got {len(others)}" + (f": {', '.join(str(o) for o in others)}" if others else "")
-        )
-    return others[0]
+    refs = sorted(config.referenced_models(), key=str)
+    # The method's own check and one-line errors (no base, not exactly one other model).
+    _timber_method(config).validate_inputs(refs, config.base_model)
+    (instruct,) = (ref for ref in refs if ref != config.base_model)
+    return instruct
 
 
 def _with_instruct_as_donor(config):

@@ -28,11 +28,11 @@ import yaml
 from mergekit_timber.checkpoint import open_written
 from mergekit_timber import finite
 from mergekit_timber.errors import TimberConfigError
-from mergekit_timber.output_dir import OutputDir
+from mergekit_timber.output_dir import OutputDir, is_weight_file
 
 SIDE_SHARD_BYTES = 1_000_000_000
 
-# Files of the first output that are per-lambda (written anew) or weights.
+# Files of the first output written anew for each lambda (weights are written anew too).
 _PER_OUTPUT = ("README.md", "mergekit_config.yml")
 
 
@@ -202,9 +202,7 @@ def _sweep_method(extra_lambdas: Sequence[float], sink) -> Iterator[str]:
 
 def _copy_non_weight_files(src: Path, dst: Path) -> None:
     for item in src.iterdir():
-        if item.name in _PER_OUTPUT or item.suffix == ".safetensors" or item.name.endswith(
-            (".safetensors.index.json", ".bin", ".bin.index.json")
-        ):
+        if item.name in _PER_OUTPUT or is_weight_file(item.name):
             continue
         target = dst / item.name
         if item.is_dir():
