@@ -96,10 +96,10 @@ _DOWN_COLS = Experts(("down_proj",), hidden_axis=2)
 # gpt-oss: [E, H, 2I] with gate/up columns alternating: gate = [..., ::2], up = [..., 1::2].
 _GATE_UP_COLS_INTERLEAVED = Experts(("gate_proj", "up_proj"), hidden_axis=1, fused_axis=2, interleaved=True)
 
-_STACKED_EXPERTS = (
-    (re.compile(r"(^|\.)experts\.gate_up_proj$"), _GATE_UP_ROWS),
-    (re.compile(r"(^|\.)experts\.down_proj$"), _DOWN_ROWS),
-)
+_GATE_UP = re.compile(r"(^|\.)experts\.gate_up_proj$")
+_DOWN = re.compile(r"(^|\.)experts\.down_proj$")
+_STACKED_EXPERTS = ((_GATE_UP, _GATE_UP_ROWS), (_DOWN, _DOWN_ROWS))
+_STACKED_EXPERTS_COLS = ((_GATE_UP, _GATE_UP_COLS), (_DOWN, _DOWN_COLS))
 
 # model_type -> (name pattern, layout). Each entry was read off the experts class of
 # transformers 5 (modeling_<type>.py: parameter shapes and the forward's slicing) and
@@ -125,10 +125,7 @@ LAYOUTS: Dict[str, Tuple[Tuple[re.Pattern, Experts], ...]] = {
         for model_type in ("granitemoe", "granitemoeshared", "granitemoehybrid")
     },
     # Llama 4 (Llama4TextExperts): gate_up_proj [E, H, 2I], down_proj [E, I, H], x @ W.
-    "llama4": (
-        (re.compile(r"(^|\.)experts\.gate_up_proj$"), _GATE_UP_COLS),
-        (re.compile(r"(^|\.)experts\.down_proj$"), _DOWN_COLS),
-    ),
+    "llama4": _STACKED_EXPERTS_COLS,
     # Aria: the checkpoint's experts.fc1/fc2 are renamed gate_up_proj/down_proj, x @ W.
     **{
         model_type: (
@@ -139,14 +136,8 @@ LAYOUTS: Dict[str, Tuple[Tuple[re.Pattern, Experts], ...]] = {
     },
     # Qwen3-VL-MoE: the checkpoint stores [E, H, 2I] / [E, I, H] under the model's own
     # names, so mergekit reads it as stored (transformers transposes on load).
-    "qwen3_vl_moe": (
-        (re.compile(r"(^|\.)experts\.gate_up_proj$"), _GATE_UP_COLS),
-        (re.compile(r"(^|\.)experts\.down_proj$"), _DOWN_COLS),
-    ),
-    "gpt_oss": (
-        (re.compile(r"(^|\.)experts\.gate_up_proj$"), _GATE_UP_COLS_INTERLEAVED),
-        (re.compile(r"(^|\.)experts\.down_proj$"), _DOWN_COLS),
-    ),
+    "qwen3_vl_moe": _STACKED_EXPERTS_COLS,
+    "gpt_oss": ((_GATE_UP, _GATE_UP_COLS_INTERLEAVED), (_DOWN, _DOWN_COLS)),
 }
 LAYOUTS["llama4_text"] = LAYOUTS["llama4"]
 
