@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mergekit_timber import kernel
+from mergekit_timber import kernel, layout
 from mergekit_timber.checkpoint import Checkpoint
-from mergekit_timber.method import as_matrix_stack
 
 
 def best(fn, reps):
@@ -32,8 +31,9 @@ def best(fn, reps):
     return min(times), out
 
 
-def floor_row(name: str, b: torch.Tensor, i: torch.Tensor, lam: float, reps: int) -> dict:
-    sb, si = as_matrix_stack(name, b), as_matrix_stack(name, i)
+def floor_row(name: str, b: torch.Tensor, i: torch.Tensor, lam: float, reps: int, arch: layout.Architecture) -> dict:
+    split = layout.split(name, i.shape, arch)  # the matrices a merge decomposes
+    sb, si = split.matrices(b), split.matrices(i)
     tb, ti = kernel.as_tall(sb), kernel.as_tall(si)
     t_kernel, _ = best(lambda: kernel.refine_stack(sb, si, lam), reps)
     t_gram, (gram, cached) = best(lambda: kernel.delta_gram(tb, ti), reps)
@@ -58,10 +58,11 @@ def main(argv) -> None:
     base_dir, inst_dir, lam = Path(argv[0]), Path(argv[1]), float(argv[2])
     rows = []
     with Checkpoint(base_dir, "base") as base, Checkpoint(inst_dir, "instruct") as inst:
+        arch = layout.architecture_of(inst.config())
         for item in argv[3:]:
             name, reps = item.rsplit(":", 1)
             # .clone(): in memory, so that no page faults are timed
-            rows.append(floor_row(name, base.tensor(name).clone(), inst.tensor(name).clone(), lam, int(reps)))
+            rows.append(floor_row(name, base.tensor(name).clone(), inst.tensor(name).clone(), lam, int(reps), arch))
             print(name, rows[-1], file=sys.stderr, flush=True)
     print(json.dumps(rows))
 

@@ -385,11 +385,12 @@ LAYER_MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "s
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
 
 
-def measure_floor(args, pair: Tuple[Path, Path]) -> Optional[List[dict]]:
+def measure_floor(args, pair: Tuple[Path, Path]) -> List[dict]:
     """Per-tensor kernel time and its irreducible parts, for layer 0 and the embedding.
 
     See scripts/bench_floor.py. gram + eigh + rebuild is the floor of this route: what
-    remains of the kernel is adds, casts and copies.
+    remains of the kernel is adds, casts and copies. Raises RuntimeError (its stderr)
+    if the measuring process fails.
     """
     names = [f"model.layers.0.{m}.weight:{args.repeats}" for m in LAYER_MATRICES]
     names.append("model.embed_tokens.weight:1")
@@ -398,7 +399,7 @@ def measure_floor(args, pair: Tuple[Path, Path]) -> Optional[List[dict]]:
                           capture_output=True, text=True)  # fmt: skip
     if proc.returncode != 0:
         log(proc.stderr[-3000:])
-        return None
+        raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -732,7 +733,12 @@ def run_e2e(args, workdir: Path) -> List[str]:
         )
     if not args.keep_outputs:
         shutil.rmtree(outdir, ignore_errors=True)
-    floor = None if args.no_floor else measure_floor(args, pairs[S])
+    floor, floor_error = None, None
+    if not args.no_floor:
+        try:
+            floor = measure_floor(args, pairs[S])
+        except RuntimeError as error:  # in the report, as micro/profile failures are
+            floor_error = str(error)
 
     # ---- tables
     def mb(kb):
@@ -794,6 +800,8 @@ def run_e2e(args, workdir: Path) -> List[str]:
     if not args.no_sweep:
         ratio_row(f"sweep of 4 lambdas wall / one timber merge wall ({N} layers)", g(f"sweep-4 L{N}", "wall"),
                   g(f"timber L{N}", "wall"), "<= 1.3", lambda v: v <= 1.3)  # fmt: skip
+    if floor_error:
+        lines += ["", "### How low can an exact merge go here?", "", "floor failed:", "```", floor_error, "```"]
     if floor:
         lines += ["", *floor_lines(floor, N, res, naive_layers)]
     if agree_lines:
