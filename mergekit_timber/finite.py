@@ -4,7 +4,8 @@ mergekit casts each merged tensor to `out_dtype` (or a weight's forced dtype) wh
 saves it, out of the method's sight: a float16 output whose values exceed 65504 holds
 Inf on disk although the merge itself was finite. So the written, still staged, output
 is read back and checked in the dtype each tensor was written in (mergekit_timber.seam
-runs this before publishing; the sweep checks each of its outputs).
+runs this before publishing). The sweep checks the outputs it writes itself as it
+writes them.
 """
 
 from __future__ import annotations
@@ -30,20 +31,25 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
     return bad
 
 
-def check_written(model_dir: Path, label: str = "") -> None:
+def check_tensor(name: str, tensor: torch.Tensor, label: str = "") -> None:
+    """Raise if floating `tensor`, as it is about to be (or was) written, holds NaN/Inf."""
+    if not tensor.is_floating_point():
+        return
+    bad = count_nonfinite(tensor)
+    if bad:
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raise TimberInputError(
+            f"{name}: the merged tensor{label} holds {bad} Inf/NaN value(s) in {dtype}, "
+            "the output dtype; use a wider dtype (out_dtype: bfloat16 or float32)"
+        )
+
+
+def check_written(model_dir: Path) -> None:
     """Raise naming the first tensor of `model_dir` that holds NaN/Inf as written."""
     from mergekit_timber.checkpoint import open_written
 
     with open_written(Path(model_dir), "merged model") as written:
         for name in written.names():
             tensor = written.tensor(name)
-            if not tensor.is_floating_point():
-                continue
-            bad = count_nonfinite(tensor)
+            check_tensor(name, tensor)
             input_pages.release(tensor)  # read once: do not keep the whole output resident
-            if bad:
-                dtype = str(tensor.dtype).removeprefix("torch.")
-                raise TimberInputError(
-                    f"{name}: the merged tensor{label} holds {bad} Inf/NaN value(s) in {dtype}, "
-                    "the output dtype; use a wider dtype (out_dtype: bfloat16 or float32)"
-                )

@@ -47,6 +47,7 @@ class SweepSession:
     """Writers for the lambdas after the first; its `save` is the sweep method's sink."""
 
     writers: List[object]
+    lambdas: Sequence[float]  # of the writers, in order
     out_dtype: Optional[object] = None  # torch.dtype the config asks to write
     saved: List[set] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -59,6 +60,8 @@ class SweepSession:
             for index, (writer, tensor) in enumerate(zip(self.writers, tensors)):
                 if self.out_dtype is not None:
                     tensor = tensor.to(self.out_dtype)
+                # Finite as written (the first output is checked by the seam).
+                finite.check_tensor(name, tensor, f" for lambda={self.lambdas[index]:g}")
                 writer.save_tensor(name=name, tensor=tensor, clone=False)  # fresh outputs
                 self.saved[index].add(name)
 
@@ -143,7 +146,7 @@ def run_sweep(
             for stage in stages[1:]
         ]
         out_dtype = dtype_from_name(configs[0].out_dtype) if configs[0].out_dtype else None
-        session = SweepSession(writers=writers, out_dtype=out_dtype)
+        session = SweepSession(writers=writers, lambdas=lambdas[1:], out_dtype=out_dtype)
         with _sweep_method(lambdas[1:], session.save) as method_name:
             # The card and mergekit_config.yml come from configs[0]/texts[0]: they name `timber`.
             seam.write_merge(configs[0], stages[0], options, texts[0], name=targets[0].name, run_as=method_name)
@@ -155,7 +158,6 @@ def run_sweep(
                 for name in sorted(set(first_output.names()) - session.saved[index]):
                     writer.save_tensor(name=name, tensor=first_output.tensor(name), clone=False)
                 writer.finalize()
-                finite.check_written(stage, f" for lambda={lambdas[index + 1]:g}")
         for index, stage in enumerate(stages[1:]):
             _copy_non_weight_files(stages[0], stage)
             config, text, target = configs[index + 1], texts[index + 1], targets[index + 1]

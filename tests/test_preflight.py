@@ -274,6 +274,22 @@ def test_output_that_overflows_its_dtype_names_the_tensor(pair, tmp_path):
     fail(tmp_path, c, f"{Q}: the merged tensor holds", "in float16, the output dtype", "use a wider dtype")
 
 
+def test_sweep_output_that_overflows_its_dtype_names_the_tensor_and_lambda(pair, tmp_path):
+    """The sweep checks the outputs it writes itself (lambdas after the first) as it writes them."""
+
+    def scale(weights):
+        weights[Q] = weights[Q] * 1e7
+
+    base = copy_model(pair[0], tmp_path / "b", edit=scale)
+    instruct = copy_model(pair[1], tmp_path / "i", edit=scale)
+    path = write_yaml(tmp_path / "sweep.yml", dict(cfg(base, instruct), out_dtype="float16"))
+    proc = run_cli("mergekit-timber", "sweep", path, tmp_path / "sw", "--lambdas", "0.2,0.5", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"{Q}: the merged tensor for lambda=0.5 holds" in last and "in float16, the output dtype" in last, last
+    assert not (tmp_path / "sw").exists() or not any((tmp_path / "sw").iterdir())
+
+
 def test_sweep_names_distinct_lambdas_apart():
     from mergekit_timber.errors import TimberConfigError
     from mergekit_timber.sweep import output_name, parse_lambdas
