@@ -10,7 +10,9 @@ sanitized model directory names, which embed it, are the same on every run):
   alphabet is three letters and each completion is one token, so a random model gets
   some of its eight samples right and the counts c spread over 0..8;
 - a local data set of ten problems (WORK/data/problems.jsonl) and one lm-eval task per
-  setup that `mergekit-timber passk` must read or refuse (WORK/tasks/*.yaml, utils.py);
+  setup that `mergekit-timber passk` must read or refuse (WORK/tasks/*.yaml, utils.py),
+  plus the minimal task of README's "Pass@k from lm-evaluation-harness", copied verbatim
+  from README (its completions never match its regex here: it shows n, not c);
 then runs `lm_eval run --log_samples` once per model over all tasks and copies every
 samples_<task>_<date>.jsonl (and the results_<date>.json) to
 tests/data/lm_eval-<version>/<model_name_sanitized>/.
@@ -209,7 +211,7 @@ def build_model(path: Path, seed: int) -> None:
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,  # README task: 256 new
         # Large random weights: each prompt gets its own peaked answer distribution,
         # so the number of right samples per problem spreads from 0 to 8.
         initializer_range=1.0, tie_word_embeddings=False,
@@ -222,20 +224,34 @@ def build_model(path: Path, seed: int) -> None:
     tokenizer.save_pretrained(path)
 
 
-def write_tasks(work: Path) -> None:
+def readme_task() -> tuple[str, str]:
+    """(task name, YAML) of the minimal task in README's lm-eval section, as written there."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Pass@k from lm-evaluation-harness") :]
+    body = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    name = body.splitlines()[0].removeprefix("task:").strip()
+    return name, body
+
+
+def write_tasks(work: Path) -> list[str]:
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
     rows = [{"question": q, "answer": a} for q, a in zip(QUESTIONS, ANSWERS)]
     assert len(rows) == PROBLEMS
-    (data / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    (data / "problems.jsonl").write_text(lines)
+    (work / "problems.jsonl").write_text(lines)  # README's task names it so
     tasks = work / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)
     (tasks / "utils.py").write_text(UTILS)
     for name, body in TASKS.items():
         (tasks / f"{name}.yaml").write_text(f"task: {name}\n{COMMON}{body}")
+    name, body = readme_task()
+    (tasks / f"{name}.yaml").write_text(body)
+    return [*TASKS, name]
 
 
-def run_lm_eval(work: Path, model: Path) -> None:
+def run_lm_eval(work: Path, model: Path, tasks: list[str]) -> None:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -244,7 +260,7 @@ def run_lm_eval(work: Path, model: Path) -> None:
     cmd = [
         sys.executable, "-m", "lm_eval", "run", "--model", "hf",
         "--model_args", f"pretrained={model},dtype=float32",
-        "--tasks", ",".join(TASKS), "--include_path", str(work / "tasks"),
+        "--tasks", ",".join(tasks), "--include_path", str(work / "tasks"),
         "--device", "cpu", "--batch_size", "16", "--log_samples", "--output_path", str(work / "out"),
     ]
     print("+", " ".join(cmd), flush=True)
@@ -262,10 +278,10 @@ def main() -> None:
     work = args.work.resolve()
     if work.exists():
         shutil.rmtree(work)  # our own scratch directory, rebuilt from nothing
-    write_tasks(work)
+    tasks = write_tasks(work)
     for name, seed in (("base", 1), ("timber", 2)):
         build_model(work / name, seed)
-        run_lm_eval(work, work / name)
+        run_lm_eval(work, work / name, tasks)
 
     dest = REPO / "tests" / "data" / f"lm_eval-{lm_eval_version}"
     if dest.exists():

@@ -778,3 +778,39 @@ def test_lmeval_results_file_on_one_line_gets_the_hint(tmp_path):
     # A native records file is not mistaken for one, whatever its name.
     named = write_jsonl(tmp_path / "results_timber.json", records("m", {"p": [True, False]}))
     assert pk.read_tallies([named]) == [pk.Tally("m", "p", 1, 1), pk.Tally("m", "p", 1, 0)]
+
+
+def readme_section() -> str:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    start = text.index("### Pass@k from lm-evaluation-harness")
+    return text[start : text.index("\n### ", start + 1)]
+
+
+def test_readme_task_keeps_every_completion_and_its_scorer_is_the_fixtures():
+    import yaml
+
+    section = readme_section()
+    task = yaml.safe_load(section.split("```yaml\n")[1].split("```")[0])
+    assert task["repeats"] == 8 and task["generation_kwargs"]["do_sample"] is True
+    (pipeline,) = task["filter_list"]
+    assert [step["function"] for step in pipeline["filter"]] == ["regex"]  # no take_first, no vote
+    assert [m["metric"] for m in task["metric_list"]] == ["exact_match"]
+    # The per-completion scorer shown is the one the tiny_repeat_list fixture was written with.
+    scope: dict = {}
+    exec(section.split("```python\n")[1].split("```")[0], scope)
+    rows = lmeval_rows(lmeval_file("timber", "tiny_repeat_list"))
+    for row in rows:
+        assert scope["per_repeat"](row["doc"], row["filtered_resps"]) == {"acc": row["acc"]}
+    assert scope["mean_of_lists"]([r["acc"] for r in rows]) == pytest.approx(
+        sum(map(sum, (r["acc"] for r in rows))) / (8 * len(rows)))
+
+
+def test_readme_task_run_by_lm_eval_gives_n_8():
+    # scripts/make_lmeval_fixtures.py ran README's YAML verbatim: its regex never matches the
+    # tiny models' letters (c = 0 throughout), but every completion is kept and counted.
+    tallies, notes = read_both("my_task_pass8")
+    assert notes == [] and {t.n for t in tallies} == {REPEATS}
+    assert tallies == expected_tallies("base", "my_task_pass8") + expected_tallies("timber", "my_task_pass8")
+    (results,) = (LMEVAL / MODEL_DIRS["base"]).glob("results_*.json")
+    config = json.loads(results.read_text())["configs"]["my_task_pass8"]
+    assert config["repeats"] == REPEATS and config["filter_list"][0]["name"] == "all"
