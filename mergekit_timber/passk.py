@@ -131,9 +131,13 @@ def read_tallies(
     if fmt not in FORMATS:
         raise PasskError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if warn is None:
-        warn = lambda message: warnings.warn(message, PasskWarning, stacklevel=3)  # noqa: E731
+        warn = lambda message: warnings.warn(message, PasskWarning, stacklevel=4)  # noqa: E731
     files = []
+    seen: set[Path] = set()
     for path in map(Path, paths):
+        if path.resolve() in seen:  # its samples would count twice: n doubled, silently
+            raise PasskError(f"{path}: given twice")
+        seen.add(path.resolve())
         rows = _read_input(path)
         kind = fmt
         if kind == "auto":

@@ -303,6 +303,9 @@ def test_bad_files(tmp_path):
     array.write_text("[1, 2]\n")
     with pytest.raises(pk.PasskError, match=r"array.jsonl line 1: expected a JSON object"):
         pk.read_tallies([array])
+    good = write_jsonl(tmp_path / "good.jsonl", records("m", {"p": [True]}))
+    with pytest.raises(pk.PasskError, match=r"^.*good.jsonl: given twice$"):
+        pk.read_tallies([good, tmp_path / "." / "good.jsonl"])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(pk.PasskError, match=r"empty.jsonl: no records"):
