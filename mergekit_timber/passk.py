@@ -299,8 +299,11 @@ def _completions(obj: dict, where: str) -> tuple[int, int]:
     """
     resps = obj.get("resps")
     first = resps[0] if isinstance(resps, list) and resps else None
-    if not (isinstance(first, list) and first and all(isinstance(r, str) for r in first)):
-        return 1, 1  # a likelihood request or one answer: one scored sample
+    # Completions are strings (None where a backend returned nothing); likelihood
+    # requests store [log-likelihood, is_greedy] pairs or numbers instead.
+    texts = isinstance(first, list) and all(isinstance(r, str) or r is None for r in first)
+    if not (texts and any(isinstance(r, str) for r in first)):
+        return 1, 1  # a likelihood request: one scored answer
     generated = len(first)
     if "filtered_resps" not in obj:  # older harness versions: the raw completions
         return generated, generated

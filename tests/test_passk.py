@@ -245,6 +245,19 @@ def test_harness_list_metric_and_pass_at_1_fraction(tmp_path):
         ("base", 4, [3, 0]), ("instruct", 4, [3, 0])]
 
 
+def test_harness_completions_by_structure(tmp_path):
+    # A completion a backend left empty (None) is still one of the n generated.
+    gaps = harness_line(0, value=0.5, resps=[["42", None, "42", "7"]])
+    gaps["resps"] = [["42", None, "42", "7"]]
+    # A likelihood task: resps[0] holds [log-likelihood, is_greedy], not completions.
+    choice = harness_line(1, metric="acc", value=1, resps=[[-0.5, True]])
+    choice["resps"] = [[[-0.5, True]], [[-2.0, False]]]
+    path = write_jsonl(tmp_path / "m" / HARNESS_NAME.format(task="t"), [gaps])
+    assert pk.read_tallies([path]) == [pk.Tally("m", "t/0", 4, 2)]
+    path = write_jsonl(tmp_path / "m" / HARNESS_NAME.format(task="mc"), [choice])
+    assert pk.read_tallies([path]) == [pk.Tally("m", "mc/1", 1, 1)]
+
+
 def test_harness_filter_and_metric_choice(tmp_path):
     lines = [harness_line(0, value=1.0, filter_name="strict-match"),
              harness_line(0, value=0.0, filter_name="flexible-extract")]
