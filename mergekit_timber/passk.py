@@ -17,26 +17,33 @@ boolean (0/1 and "true" are refused: a typo must not become a score). Other keys
 as ``completion``, are ignored. Several lines for one (model, problem) are several samples.
 
 lm-evaluation-harness ``--log_samples`` files (``fmt="lm-eval"``), named
-``samples_<task>_<date>.jsonl`` and written one line per (doc, filter) (as of lm-eval
-0.4.x, ``evaluator.py`` and ``loggers/evaluation_tracker.py``). Fields used:
+``samples_<task>_<date>.jsonl`` and written one line per (doc, filter) into
+``<output_path>/<model_name_sanitized>/`` (lm-eval 0.4.x, ``evaluator.py`` and
+``loggers/evaluation_tracker.py``; the fixtures under ``tests/data/lm_eval-*`` are
+real output). A line is read by its structure, never by its values alone:
 
-* ``doc_id``: with ``<task>`` from the file name it forms the problem id ``<task>/<doc_id>``;
-* ``filter``: the filter-pipeline name; a file holding several (e.g. gsm8k's
-  ``strict-match`` and ``flexible-extract``) needs one chosen (``filter_name``);
-* ``metrics``: the list of metric names on the line; the metric read is ``metric`` if
-  given, else the first of ``exact_match``, ``acc``, ``pass@1`` present, else the only one;
-* ``<metric>``: the per-sample correctness, in one of these shapes:
-  - a 0/1 number or boolean: one scored sample (the default ``take_first`` filter
-    scores only the first of ``repeats`` samples, so such runs give n = 1);
-  - a list of 0/1 values: one scored sample each (custom ``process_results``);
-  - ``pass@1`` as a fraction, with ``filtered_resps[0]`` the list of the doc's n
-    completions (humaneval/cruxeval style, ``repeats: n`` with ``k: [1]``): pass@1 of
-    one doc is exactly c/n, so it gives the count of correct samples c = pass@1 * n.
-  Other fractions (``pass@8``, ``acc`` of 0.5, ...) carry no per-sample correctness
-  and are refused.
+* the problem id is ``<task>/<doc_id>`` (``<task>`` from the file name);
+* ``filter`` names the filter pipeline; a file holding several needs one chosen;
+* n, the completions scored per problem, is the length of ``filtered_resps[0]`` when
+  that is a list (all ``repeats`` kept), 1 when the filter reduced it to one answer
+  (``take_first``, ``majority_vote``: a warning says how many of the ``resps[0]``
+  completions went unscored), 1 for likelihood tasks (no completions);
+* the metric is ``metric`` if given, else the first of ``exact_match``, ``acc``,
+  ``pass@1`` on the line, else the only one (``pass@k`` with k >= 2 never counts);
+* c, the correct ones, comes from the metric's value: a list of n 0/1 values (a task's
+  ``process_results`` scoring each repeat) gives c directly; with n = 1 a 0/1 value is
+  c; with n > 1, ``pass@1`` (c/n for one doc) and ``exact_match`` (lm-eval's is the mean
+  over the completions, c/n) give c = value * n, checked to be a whole number.
+* refused, in one line naming what to use instead: ``pass@k`` with k >= 2 (one score
+  for the n completions: ``pass@8`` of 8 is "any correct"), any other single value over
+  n > 1 completions, fractions over one completion, lists of the wrong length.
 
-The model label of an lm-eval file is ``label`` if given, else the name of the file's
-directory (lm-eval writes into ``<output_path>/<model_name_sanitized>/``).
+The model label of an lm-eval file is ``label`` if given; else, for a file named as
+lm-eval names it, its directory (lm-eval's sanitized model name), shown without the
+sanitizer's underscores (``__work__out__timber`` reads ``work/out/timber``) and cut to
+the trailing path parts that tell the models read together apart (``timber``); for a
+file named otherwise, its file name without ``.jsonl`` (problem ids are then the bare
+``doc_id``, so renamed files of several models line up).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import csv
 import json
 import math
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -54,12 +62,20 @@ import numpy as np
 
 FORMATS = ("auto", "records", "lm-eval")
 PREFERRED_METRICS = ("exact_match", "acc", "pass@1")
+# lm-eval metrics whose value for one doc is the mean correctness of its completions.
+MEAN_METRICS = ("pass@1", "exact_match")
 CSV_COLUMNS = ("model", "k", "pass_at_k", "ci_low", "ci_high", "n", "problems")
+README_HINT = "see README, 'Pass@k from lm-evaluation-harness'"
 _HARNESS_NAME = re.compile(r"^samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d.\-]+$")
+_PASS_AT = re.compile(r"^pass@(\d+)$")
 
 
 class PasskError(ValueError):
     """Bad input for pass@k; the message is one line meant for the user."""
+
+
+class PasskWarning(UserWarning):
+    """Input that is read, but less than it looks (e.g. repeats left unscored)."""
 
 
 @dataclass(frozen=True)
@@ -105,23 +121,71 @@ def read_tallies(
     label: str | None = None,
     metric: str | None = None,
     filter_name: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> list[Tally]:
-    """Read every file; `label`, `metric` and `filter_name` apply to lm-eval files only."""
+    """Read every file; `label`, `metric` and `filter_name` apply to lm-eval files only.
+
+    `warn` receives one-line notes on input read with less than it seems to hold (default:
+    `warnings.warn` with PasskWarning).
+    """
     if fmt not in FORMATS:
         raise PasskError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    tallies: list[Tally] = []
+    if warn is None:
+        warn = lambda message: warnings.warn(message, PasskWarning, stacklevel=4)  # noqa: E731
+    files = []
+    seen: set[Path] = set()
     for path in map(Path, paths):
-        rows = read_jsonl(path)
-        if not rows:
-            raise PasskError(f"{path}: no records")
+        if path.resolve() in seen:  # its samples would count twice: n doubled, silently
+            raise PasskError(f"{path}: given twice")
+        seen.add(path.resolve())
+        rows = _read_input(path)
         kind = fmt
         if kind == "auto":
             kind = "lm-eval" if "doc_id" in rows[0][1] else "records"
+        files.append((path, kind, rows))
+
+    harness_paths = [path for path, kind, _ in files if kind == "lm-eval"]
+    labels = harness_labels(harness_paths) if label is None else dict.fromkeys(harness_paths, label)
+    tallies: list[Tally] = []
+    for path, kind, rows in files:
         if kind == "records":
             tallies.extend(_native_tallies(path, rows))
         else:
-            tallies.extend(_harness_tallies(path, rows, label, metric, filter_name))
+            tallies.extend(_harness_tallies(path, rows, labels[path], metric, filter_name, warn))
     return tallies
+
+
+def _read_input(path: Path) -> list[tuple[int, dict]]:
+    try:
+        rows = read_jsonl(path)
+    except PasskError:
+        if _is_results_file(path):  # lm-eval writes it indented: not JSON Lines
+            raise PasskError(_results_hint(path)) from None
+        raise
+    if not rows:
+        raise PasskError(f"{path}: no records")
+    if len(rows) == 1 and _is_results(rows[0][1]):
+        raise PasskError(_results_hint(path))
+    return rows
+
+
+def _is_results_file(path: Path) -> bool:
+    try:
+        return _is_results(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return False
+
+
+def _is_results(obj: object) -> bool:
+    """lm-eval's results_<date>.json: one object of aggregated 'results' per task."""
+    return isinstance(obj, dict) and isinstance(obj.get("results"), dict) and ("configs" in obj or "versions" in obj)
+
+
+def _results_hint(path: Path) -> str:
+    return (
+        f"{path}: lm-eval's results file holds scores averaged over problems; pass the"
+        " samples_<task>_*.jsonl files beside it instead (lm_eval --log_samples writes them)"
+    )
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -160,16 +224,43 @@ def _native_tallies(path: Path, rows: list[tuple[int, dict]]) -> Iterable[Tally]
         yield Tally(model, str(problem), 1, int(correct))
 
 
+# ----------------------------------------------------------------- lm-evaluation-harness
+
+
+def harness_labels(paths: Sequence[Path]) -> dict[Path, str]:
+    """Display label of each lm-eval samples file (see the module docstring)."""
+    full: dict[Path, tuple[str, ...]] = {}
+    for path in paths:
+        if _HARNESS_NAME.match(path.stem):
+            # lm-eval's sanitizer turns each run of / : | ... into "__"; a local path
+            # starts with it, and matplotlib hides legend labels that start with "_".
+            parts = tuple(p for p in path.resolve().parent.name.split("__") if p)
+            full[path] = parts or (path.resolve().parent.name,)
+        else:
+            full[path] = (path.name.removesuffix(".jsonl"),)
+    names = set(full.values())
+    return {path: _short_name(parts, names) for path, parts in full.items()}
+
+
+def _short_name(parts: tuple[str, ...], names: set[tuple[str, ...]]) -> str:
+    """The fewest trailing parts that no other model's name ends with."""
+    for size in range(1, len(parts) + 1):
+        tail = parts[-size:]
+        if not any(other != parts and other[-size:] == tail for other in names):
+            return "/".join(tail)
+    return "/".join(parts)
+
+
 def _harness_tallies(
     path: Path,
     rows: list[tuple[int, dict]],
-    label: str | None,
+    model: str,
     metric: str | None,
     filter_name: str | None,
+    warn: Callable[[str], None],
 ) -> Iterable[Tally]:
-    model = label or path.resolve().parent.name
     match = _HARNESS_NAME.match(path.stem)
-    task = match["task"] if match else path.stem
+    task = match["task"] + "/" if match else ""
 
     filters = list(dict.fromkeys(obj.get("filter") for _, obj in rows))
     if filter_name is not None:
@@ -178,18 +269,53 @@ def _harness_tallies(
             raise PasskError(f"{path}: no filter {filter_name!r}; the file has: {shown}")
         rows = [(lineno, obj) for lineno, obj in rows if obj.get("filter") == filter_name]
     elif len(filters) > 1:
-        shown = ", ".join(str(f) for f in filters)
-        raise PasskError(f"{path}: several filters ({shown}); choose one with --filter")
+        raise PasskError(_several_filters(path, rows, filters))
 
+    unscored = None  # (scored, generated) of the first line that left completions out
+    tallies = []
     for lineno, obj in rows:
         where = f"{path} line {lineno}"
         if "doc_id" not in obj:
             raise PasskError(f"{where}: missing key 'doc_id'")
+        scored, generated = _completions(obj, where)
         name = metric or _pick_metric(obj, where)
         if name not in obj:
             raise PasskError(f"{where}: missing metric {name!r}")
-        n, c = _harness_counts(obj, name, where)
-        yield Tally(model, f"{task}/{obj['doc_id']}", n, c)
+        n, c = _harness_counts(obj, name, scored, where)
+        if scored < generated and unscored is None:
+            unscored = (scored, generated)
+        tallies.append(Tally(model, f"{task}{obj['doc_id']}", n, c))
+    if unscored is not None:
+        warn(_unscored_note(path, rows[0][1].get("filter"), *unscored))
+    return tallies
+
+
+def _completions(obj: dict, where: str) -> tuple[int, int]:
+    """(completions scored, completions generated) for one lm-eval line.
+
+    A generation task stores the doc's `repeats` completions as resps[0] (a list of
+    strings) and what the filter kept as filtered_resps[0]: still a list when every
+    completion is kept, one string after take_first. Likelihood tasks store numbers.
+    """
+    resps = obj.get("resps")
+    first = resps[0] if isinstance(resps, list) and resps else None
+    # Completions are strings (None where a backend returned nothing); likelihood
+    # requests store [log-likelihood, is_greedy] pairs or numbers instead.
+    texts = isinstance(first, list) and all(isinstance(r, str) or r is None for r in first)
+    if not (texts and any(isinstance(r, str) for r in first)):
+        return 1, 1  # a likelihood request: one scored answer
+    generated = len(first)
+    if "filtered_resps" not in obj:  # older harness versions: the raw completions
+        return generated, generated
+    filtered = obj["filtered_resps"]
+    if not isinstance(filtered, list) or not filtered:
+        raise PasskError(f"{where}: 'filtered_resps' is not a list of answers")
+    kept = filtered[0]
+    if not isinstance(kept, list):
+        return 1, generated
+    if not kept:
+        raise PasskError(f"{where}: the filter kept no completion ('filtered_resps' is [[]])")
+    return len(kept), generated
 
 
 def _pick_metric(obj: dict, where: str) -> str:
@@ -199,46 +325,65 @@ def _pick_metric(obj: dict, where: str) -> str:
     for preferred in PREFERRED_METRICS:
         if preferred in names:
             return preferred
-    if len(names) == 1:
-        return names[0]
+    usable = [m for m in names if _pass_at(m) is None or _pass_at(m) == 1]
+    if len(usable) == 1:
+        return usable[0]
     if not names:
         raise PasskError(f"{where}: no metric found; name one with --metric")
-    raise PasskError(f"{where}: several metrics ({', '.join(names)}); choose one with --metric")
+    if not usable:  # only pass@k with k >= 2: say why none of them is read
+        return names[0]
+    raise PasskError(f"{where}: several metrics ({', '.join(usable)}); choose one with --metric")
 
 
-def _harness_counts(obj: dict, name: str, where: str) -> tuple[int, int]:
+def _pass_at(name: str) -> int | None:
+    match = _PASS_AT.match(name)
+    return int(match[1]) if match else None
+
+
+def _harness_counts(obj: dict, name: str, scored: int, where: str) -> tuple[int, int]:
+    """(n, c) of one line: `scored` completions and the correct ones among them."""
     value = obj[name]
+    k = _pass_at(name)
+    if k is not None and k >= 2:
+        instead = "use --metric pass@1" if "pass@1" in obj else "score with pass@1 (k: [1]) or one 0/1 per completion"
+        raise PasskError(
+            f"{where}: metric {name!r} is one Pass@{k} score for the problem's {_completions_text(scored)},"
+            f" not per-sample correctness; {instead} ({README_HINT})"
+        )
     if isinstance(value, list):
-        if not value:
-            raise PasskError(f"{where}: metric {name!r} is an empty list")
         bits = [_as_bit(v) for v in value]
-        if None in bits:
-            raise PasskError(f"{where}: metric {name!r} has non-0/1 values; no per-sample correctness")
-        return len(bits), sum(bits)
-    resps = obj.get("filtered_resps")
-    if (
-        name == "pass@1"
-        and isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and 0.0 <= value <= 1.0
-        and isinstance(resps, list)
-        and len(resps) == 1
-        and isinstance(resps[0], list)
-        and resps[0]
-    ):
-        # pass@1 of one doc over its n completions is c/n exactly: the count is recoverable.
-        n = len(resps[0])
-        c = round(value * n)
-        if abs(value * n - c) < 1e-6:
-            return n, c
-    else:
+        if not bits or None in bits:
+            raise PasskError(f"{where}: metric {name!r} = {value!r} is not a list of 0/1, one per completion")
+        if len(bits) != scored:
+            raise PasskError(
+                f"{where}: metric {name!r} has {len(bits)} values for {_completions_text(scored)} kept by the filter"
+            )
+        return scored, sum(bits)
+    if scored == 1:
         bit = _as_bit(value)
-        if bit is not None:
-            return 1, bit
-    raise PasskError(
-        f"{where}: metric {name!r} = {value!r} is not per-sample correctness"
-        " (need 0/1, a list of 0/1, or pass@1 with the list of completions)"
-    )
+        if bit is None:
+            raise PasskError(
+                f"{where}: metric {name!r} = {value!r} is not per-sample correctness"
+                " (need 0/1 for one completion, or a list of 0/1)"
+            )
+        return 1, bit
+    # One number for `scored` > 1 completions: only a mean of their correctness gives c.
+    if name not in MEAN_METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PasskError(
+            f"{where}: metric {name!r} = {value!r} is one score for the problem's {_completions_text(scored)},"
+            f" not per-sample correctness; use a per-repeat list, pass@1 or exact_match ({README_HINT})"
+        )
+    c = round(value * scored)
+    if not 0 <= c <= scored or abs(value * scored - c) > 1e-6:
+        raise PasskError(
+            f"{where}: metric {name!r} = {value!r} is not a whole number of correct completions"
+            f" out of {scored} ({value!r} x {scored} = {value * scored:g})"
+        )
+    return scored, c
+
+
+def _completions_text(count: int) -> str:
+    return f"{count} completion" if count == 1 else f"{count} completions"
 
 
 def _as_bit(value: object) -> int | None:
@@ -247,6 +392,29 @@ def _as_bit(value: object) -> int | None:
     if isinstance(value, (int, float)) and value in (0, 1):
         return int(value)
     return None
+
+
+def _several_filters(path: Path, rows: list[tuple[int, dict]], filters: list) -> str:
+    shown = ", ".join(str(f) for f in filters)
+    keep_all = []
+    for name in filters:
+        lineno, obj = next((i, o) for i, o in rows if o.get("filter") == name)
+        scored, generated = _completions(obj, f"{path} line {lineno}")
+        if generated > 1 and scored == generated:
+            keep_all.append(repr(name))
+    hint = ""
+    if keep_all:
+        hint = f" ({', '.join(keep_all)} {'keeps' if len(keep_all) == 1 else 'keep'} every completion)"
+    return f"{path}: several filters ({shown}); choose one with --filter{hint}"
+
+
+def _unscored_note(path: Path, filter_name: object, scored: int, generated: int) -> str:
+    if scored == 1:
+        what = (f"one answer per problem out of {generated} completions (take_first keeps the first,"
+                f" majority_vote a vote), so n = 1 and {generated - 1} of every {generated} went unscored")
+    else:
+        what = f"{scored} of the {generated} completions per problem, so n = {scored}"
+    return f"{path}: filter {filter_name!r} scored {what}; for Pass@k keep every completion ({README_HINT})"
 
 
 # --------------------------------------------------------------------------- grouping

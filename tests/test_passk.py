@@ -8,6 +8,7 @@ import json
 import math
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -228,9 +229,10 @@ def test_harness_binary_metric_label_from_directory(tmp_path):
 
 
 def test_harness_list_metric_and_pass_at_1_fraction(tmp_path):
+    four = [["a", "b", "c", "d"]]
     lines = [
-        harness_line(0, metric="acc", value=[1, 0, 1, 1], filter_name="none"),
-        harness_line(1, metric="acc", value=[0.0, 0.0, 0.0, 0.0], filter_name="none"),
+        harness_line(0, metric="acc", value=[1, 0, 1, 1], filter_name="none", resps=four),
+        harness_line(1, metric="acc", value=[0.0, 0.0, 0.0, 0.0], filter_name="none", resps=four),
     ]
     listed = write_jsonl(tmp_path / "base" / HARNESS_NAME.format(task="custom"), lines)
     completions = [["def f(): 1", "def f(): 2", "def f(): 3", "def f(): 4"]]
@@ -241,6 +243,19 @@ def test_harness_list_metric_and_pass_at_1_fraction(tmp_path):
     counts = pk.group_counts(pk.read_tallies([listed, fractions]))
     assert [(c.model, c.n, c.correct.tolist()) for c in counts] == [
         ("base", 4, [3, 0]), ("instruct", 4, [3, 0])]
+
+
+def test_harness_completions_by_structure(tmp_path):
+    # A completion a backend left empty (None) is still one of the n generated.
+    gaps = harness_line(0, value=0.5, resps=[["42", None, "42", "7"]])
+    gaps["resps"] = [["42", None, "42", "7"]]
+    # A likelihood task: resps[0] holds [log-likelihood, is_greedy], not completions.
+    choice = harness_line(1, metric="acc", value=1, resps=[[-0.5, True]])
+    choice["resps"] = [[[-0.5, True]], [[-2.0, False]]]
+    path = write_jsonl(tmp_path / "m" / HARNESS_NAME.format(task="t"), [gaps])
+    assert pk.read_tallies([path]) == [pk.Tally("m", "t/0", 4, 2)]
+    path = write_jsonl(tmp_path / "m" / HARNESS_NAME.format(task="mc"), [choice])
+    assert pk.read_tallies([path]) == [pk.Tally("m", "mc/1", 1, 1)]
 
 
 def test_harness_filter_and_metric_choice(tmp_path):
@@ -261,7 +276,8 @@ def test_harness_filter_and_metric_choice(tmp_path):
     with pytest.raises(pk.PasskError, match=r"samples_mc.jsonl line 1: several metrics \(acc_norm, f1\); choose one with --metric"):
         pk.read_tallies([multi])
     assert pk.read_tallies([multi], metric="f1")[0].c == 0
-    assert pk.read_tallies([multi], metric="acc_norm")[0].problem == "samples_mc/0"
+    # A file not named as lm-eval names it: the bare doc_id, the file name as the label.
+    assert pk.read_tallies([multi], metric="acc_norm")[0] == pk.Tally("samples_mc", "0", 1, 1)
 
 
 def test_explicit_format_overrides_detection(tmp_path):
@@ -300,6 +316,9 @@ def test_bad_files(tmp_path):
     array.write_text("[1, 2]\n")
     with pytest.raises(pk.PasskError, match=r"array.jsonl line 1: expected a JSON object"):
         pk.read_tallies([array])
+    good = write_jsonl(tmp_path / "good.jsonl", records("m", {"p": [True]}))
+    with pytest.raises(pk.PasskError, match=r"^.*good.jsonl: given twice$"):
+        pk.read_tallies([good, tmp_path / "." / "good.jsonl"])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(pk.PasskError, match=r"empty.jsonl: no records"):
@@ -312,13 +331,20 @@ def test_bad_files(tmp_path):
     ("line", "message"),
     [
         (harness_line(1, value=0.5), r"line 2: metric 'exact_match' = 0.5 is not per-sample correctness"),
-        (harness_line(1, metric="pass@8", value=0.9), r"line 2: metric 'pass@8' = 0.9 is not per-sample"),
+        (harness_line(1, metric="pass@8", value=0.9), r"line 2: metric 'pass@8' is one Pass@8 score"),
         # pass@1 fraction but the completions were reduced to one (take_first): n unknown.
         (harness_line(1, metric="pass@1", value=0.5, resps=["x"]), r"metric 'pass@1' = 0.5 is not per-sample"),
         # 0.3 of 4 completions is not a whole count.
-        (harness_line(1, metric="pass@1", value=0.3, resps=[["a", "b", "c", "d"]]), r"'pass@1' = 0.3 is not"),
-        (harness_line(1, value=[1, 0.5]), r"line 2: metric 'exact_match' has non-0/1 values"),
-        (harness_line(1, value=[]), r"line 2: metric 'exact_match' is an empty list"),
+        (harness_line(1, metric="pass@1", value=0.3, resps=[["a", "b", "c", "d"]]),
+         r"'pass@1' = 0.3 is not a whole number of correct completions out of 4 \(0.3 x 4 = 1.2\)"),
+        (harness_line(1, value=[1, 0.5]), r"line 2: metric 'exact_match' = \[1, 0.5\] is not a list of 0/1"),
+        (harness_line(1, value=[]), r"line 2: metric 'exact_match' = \[\] is not a list of 0/1"),
+        # Four values for one kept completion.
+        (harness_line(1, value=[1, 0, 0, 1]), r"metric 'exact_match' has 4 values for 1 completion kept"),
+        (harness_line(1, value=[1, 0], resps=[["a", "b", "c"]]), r"has 2 values for 3 completions kept"),
+        # exact_match of 1.2 over 4 completions is not a mean of 0/1.
+        (harness_line(1, value=1.25, resps=[["a", "b", "c", "d"]]), r"not a whole number .* out of 4"),
+        (harness_line(1, value=True, resps=[["a", "b"]]), r"'exact_match' = True is one score for the problem's 2"),
         ({**harness_line(1), "exact_match": None}, r"metric 'exact_match' = None is not per-sample"),
     ],
 )
@@ -529,3 +555,278 @@ def test_console_script(tmp_path, three_models):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "Error: unknown model 'x' in --models; available: base, instruct, timber"
+
+
+# --------------------------------------------------------------------------- real lm-eval output
+# Files written by lm-evaluation-harness itself (scripts/make_lmeval_fixtures.sh): two tiny
+# random models, ten local problems, 8 repeats, one task per setup. Every expected n and c
+# is counted here from the responses and targets stored in the record, not by the reader.
+
+LMEVAL = Path(__file__).parent / "data" / "lm_eval-0.4.13"
+MODEL_DIRS = {"base": "__tmp__lmeval-fixtures__base", "timber": "__tmp__lmeval-fixtures__timber"}
+REPEATS = 8
+
+
+def lmeval_file(model: str, task: str) -> Path:
+    (path,) = (LMEVAL / MODEL_DIRS[model]).glob(f"samples_{task}_*.jsonl")
+    return path
+
+
+def lmeval_rows(path: Path, filter_name: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in rows if filter_name is None or r["filter"] == filter_name]
+
+
+def hand_count(row: dict) -> tuple[int, int]:
+    """(n, c): the answers the filter kept and how many equal the target."""
+    assert len(row["resps"]) == 1 and len(row["resps"][0]) == REPEATS  # 8 completions generated
+    kept = row["filtered_resps"][0]
+    answers = kept if isinstance(kept, list) else [kept]
+    return len(answers), sum(answer == row["target"] for answer in answers)
+
+
+def expected_tallies(model: str, task: str, filter_name: str | None = None) -> list[pk.Tally]:
+    rows = lmeval_rows(lmeval_file(model, task), filter_name)
+    assert [r["doc_id"] for r in rows] == list(range(10))
+    return [pk.Tally(model, f"{task}/{r['doc_id']}", *hand_count(r)) for r in rows]
+
+
+def read_both(task: str, **options) -> tuple[list[pk.Tally], list[str]]:
+    notes: list[str] = []
+    paths = [lmeval_file(m, task) for m in MODEL_DIRS]
+    return pk.read_tallies(paths, warn=notes.append, **options), notes
+
+
+def assert_counts_spread(tallies: list[pk.Tally]) -> None:
+    """The fixture is worth testing: some problems with 0 < c < n, some with c = 0."""
+    assert any(0 < t.c < t.n for t in tallies) and any(t.c == 0 for t in tallies)
+
+
+def test_lmeval_per_repeat_list():
+    tallies, notes = read_both("tiny_repeat_list")
+    expected = expected_tallies("base", "tiny_repeat_list") + expected_tallies("timber", "tiny_repeat_list")
+    assert tallies == expected and notes == []
+    assert {t.n for t in tallies} == {REPEATS}
+    assert_counts_spread(tallies)
+    # The list is the task's own per-repeat score: it agrees with the hand count item by item.
+    for row in lmeval_rows(lmeval_file("timber", "tiny_repeat_list")):
+        assert row["acc"] == [int(a == row["target"]) for a in row["filtered_resps"][0]]
+
+
+def test_lmeval_pass_at_1_gives_c():
+    tallies, notes = read_both("tiny_pass1")  # metrics pass@1 and pass@8: pass@1 is read
+    assert tallies == expected_tallies("base", "tiny_pass1") + expected_tallies("timber", "tiny_pass1")
+    assert notes == [] and {t.n for t in tallies} == {REPEATS}
+    assert_counts_spread(tallies)
+    path = lmeval_file("base", "tiny_pass1")
+    with pytest.raises(pk.PasskError) as info:
+        pk.read_tallies([path], metric="pass@8")
+    assert str(info.value) == (
+        f"{path} line 1: metric 'pass@8' is one Pass@8 score for the problem's 8 completions,"
+        " not per-sample correctness; use --metric pass@1 (see README, 'Pass@k from lm-evaluation-harness')"
+    )
+
+
+def test_lmeval_pass_at_k_is_refused():
+    # humaneval_64 style: metrics pass@2 and pass@8 only; pass@8 of 8 is 0 or 1 ("any correct").
+    path = lmeval_file("base", "tiny_passk")
+    rows = lmeval_rows(path)
+    assert rows[0]["metrics"] == ["pass@2", "pass@8"] and {r["pass@8"] for r in rows} == {0.0, 1.0}
+    for metric in (None, "pass@8", "pass@2"):
+        with pytest.raises(pk.PasskError) as info:
+            pk.read_tallies([path], metric=metric)
+        k = (metric or "pass@2").split("@")[1]
+        assert str(info.value) == (
+            f"{path} line 1: metric 'pass@{k}' is one Pass@{k} score for the problem's 8 completions,"
+            " not per-sample correctness; score with pass@1 (k: [1]) or one 0/1 per completion"
+            " (see README, 'Pass@k from lm-evaluation-harness')"
+        )
+
+
+def test_lmeval_exact_match_over_all_repeats_sampled():
+    # Regex filter without take_first: lm-eval stores exact_match = c/8, often fractional.
+    tallies, notes = read_both("tiny_em_all")
+    assert tallies == expected_tallies("base", "tiny_em_all") + expected_tallies("timber", "tiny_em_all")
+    assert notes == [] and {t.n for t in tallies} == {REPEATS}
+    assert_counts_spread(tallies)
+    values = [r["exact_match"] for m in MODEL_DIRS for r in lmeval_rows(lmeval_file(m, "tiny_em_all"))]
+    assert any(0 < v < 1 for v in values)
+
+
+def test_lmeval_exact_match_over_all_repeats_greedy_values_are_0_or_1():
+    # Greedy: the 8 repeats agree, every stored value is 0.0 or 1.0, and still n = 8.
+    for model in MODEL_DIRS:
+        assert {r["exact_match"] for r in lmeval_rows(lmeval_file(model, "tiny_em_greedy"))} == {0.0, 1.0}
+    tallies, notes = read_both("tiny_em_greedy")
+    assert tallies == expected_tallies("base", "tiny_em_greedy") + expected_tallies("timber", "tiny_em_greedy")
+    assert notes == [] and {t.n for t in tallies} == {REPEATS}
+    assert {t.c for t in tallies} == {0, REPEATS}
+
+
+def unscored_note(path: Path, filter_name: str) -> str:
+    return (
+        f"{path}: filter {filter_name!r} scored one answer per problem out of 8 completions"
+        " (take_first keeps the first, majority_vote a vote), so n = 1 and 7 of every 8 went"
+        " unscored; for Pass@k keep every completion (see README, 'Pass@k from lm-evaluation-harness')"
+    )
+
+
+def test_lmeval_take_first_warns_and_reads_one_sample():
+    tallies, notes = read_both("tiny_take_first")  # no filter_list: lm-eval's 'none' = take_first
+    expected = expected_tallies("base", "tiny_take_first") + expected_tallies("timber", "tiny_take_first")
+    assert tallies == expected and {t.n for t in tallies} == {1}
+    assert notes == [unscored_note(lmeval_file(m, "tiny_take_first"), "none") for m in MODEL_DIRS]
+    with pytest.warns(pk.PasskWarning, match="take_first keeps the first"):
+        pk.read_tallies([lmeval_file("base", "tiny_take_first")])
+
+
+def test_lmeval_several_filters():
+    path = lmeval_file("timber", "tiny_filters")
+    with pytest.raises(pk.PasskError) as info:
+        pk.read_tallies([path])
+    assert str(info.value) == (
+        f"{path}: several filters (first, all, vote); choose one with --filter ('all' keeps every completion)"
+    )
+    for filter_name, n in (("all", REPEATS), ("first", 1), ("vote", 1)):
+        notes = []
+        tallies = pk.read_tallies([path], filter_name=filter_name, warn=notes.append)
+        assert tallies == expected_tallies("timber", "tiny_filters", filter_name)
+        assert {t.n for t in tallies} == {n}
+        assert notes == ([] if n == REPEATS else [unscored_note(path, filter_name)])
+    all_kept = pk.read_tallies([path], filter_name="all")
+    assert_counts_spread(all_kept)
+
+
+def test_lmeval_one_value_over_all_completions_is_refused():
+    # process_results returning one 0/1 for the 8 completions (solved by any of them).
+    path = lmeval_file("base", "tiny_any")
+    with pytest.raises(pk.PasskError) as info:
+        pk.read_tallies([path])
+    first = lmeval_rows(path)[0]["solved"]
+    assert str(info.value) == (
+        f"{path} line 1: metric 'solved' = {first} is one score for the problem's 8 completions,"
+        " not per-sample correctness; use a per-repeat list, pass@1 or exact_match"
+        " (see README, 'Pass@k from lm-evaluation-harness')"
+    )
+
+
+def test_lmeval_labels(tmp_path):
+    both = [lmeval_file(m, "tiny_em_all") for m in MODEL_DIRS]
+    assert pk.harness_labels(both) == dict(zip(both, ["base", "timber"]))
+    assert pk.harness_labels(both[:1]) == {both[0]: "base"}
+    # Same last part: the labels keep as many trailing parts as it takes to differ.
+    other = tmp_path / "__runs__b__base" / both[0].name
+    other.parent.mkdir()
+    other.write_bytes(both[0].read_bytes())
+    labels = pk.harness_labels([both[0], other])
+    assert labels == {both[0]: "lmeval-fixtures/base", other: "b/base"}
+    # Hub names: the sanitizer's "__" is the "/" of org/name.
+    hub = tmp_path / "Qwen__Qwen3-0.6B" / both[0].name
+    hub.parent.mkdir()
+    hub.write_bytes(both[0].read_bytes())
+    assert pk.harness_labels([hub]) == {hub: "Qwen3-0.6B"}
+    # A renamed samples file: its own name; problems are bare doc ids, so renamed files line up.
+    renamed = tmp_path / "timber-0.2.jsonl"
+    renamed.write_bytes(both[1].read_bytes())
+    tallies = pk.read_tallies([renamed])
+    assert {t.model for t in tallies} == {"timber-0.2"} and tallies[3].problem == "3"
+    # --label wins.
+    assert {t.model for t in pk.read_tallies(both, label="mine")} == {"mine"}
+
+
+def test_lmeval_results_file_gets_a_hint(tmp_path):
+    (results,) = (LMEVAL / MODEL_DIRS["base"]).glob("results_*.json")
+    hint = (
+        "lm-eval's results file holds scores averaged over problems; pass the"
+        " samples_<task>_*.jsonl files beside it instead (lm_eval --log_samples writes them)"
+    )
+    with pytest.raises(pk.PasskError) as info:
+        pk.read_tallies([results])
+    assert str(info.value) == f"{results}: {hint}"
+    renamed = tmp_path / "scores.jsonl"
+    renamed.write_bytes(results.read_bytes())
+    with pytest.raises(pk.PasskError) as info:
+        pk.read_tallies([renamed])
+    assert str(info.value) == f"{renamed}: {hint}"
+    result = CliRunner().invoke(main, ["passk", str(results), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and result.stderr.strip() == f"Error: {results}: {hint}"
+
+
+def test_cli_on_lmeval_samples(tmp_path):
+    files = [str(lmeval_file(m, "tiny_em_all")) for m in MODEL_DIRS]
+    out = tmp_path / "o"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. matplotlib's "no artists with labels" for a "_" label
+        result = CliRunner().invoke(main, ["passk", *files, "-o", str(out), "--bootstrap", "50"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1].split() == ["k", "base", "timber"]
+    rows = list(csv.DictReader(open(out / "passk.csv", newline="")))
+    assert [(r["model"], r["k"], r["n"], r["problems"]) for r in rows] == [
+        (m, str(k), "8", "10") for m in MODEL_DIRS for k in range(1, 9)]
+    for r in rows:
+        counts = [t.c for t in expected_tallies(r["model"], "tiny_em_all")]
+        expected = np.mean([pk.pass_at_k(8, c, int(r["k"])) for c in counts])
+        assert float(r["pass_at_k"]) == pytest.approx(expected, abs=1e-12)
+
+    take_first = [str(lmeval_file(m, "tiny_take_first")) for m in MODEL_DIRS]
+    result = CliRunner().invoke(main, ["passk", *take_first, "-o", str(tmp_path / "t"), "--bootstrap", "0"])
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert warned == [f"warning: {unscored_note(Path(f), 'none')}" for f in take_first]
+
+
+def test_plot_shows_labels_starting_with_underscore(tmp_path):
+    from mergekit_timber.cli.passk import plot_curves
+
+    curve = pk.compute_curve(pk.ModelCounts("__tmp__m", 4, ("a", "b"), np.array([1, 3])), resamples=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_curves([curve], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_lmeval_results_file_on_one_line_gets_the_hint(tmp_path):
+    (results,) = (LMEVAL / MODEL_DIRS["timber"]).glob("results_*.json")
+    compact = tmp_path / "results.jsonl"
+    compact.write_text(json.dumps(json.loads(results.read_text())) + "\n")
+    with pytest.raises(pk.PasskError, match=r"results.jsonl: lm-eval's results file holds scores averaged"):
+        pk.read_tallies([compact])
+    # A native records file is not mistaken for one, whatever its name.
+    named = write_jsonl(tmp_path / "results_timber.json", records("m", {"p": [True, False]}))
+    assert pk.read_tallies([named]) == [pk.Tally("m", "p", 1, 1), pk.Tally("m", "p", 1, 0)]
+
+
+def readme_section() -> str:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    start = text.index("### Pass@k from lm-evaluation-harness")
+    return text[start : text.index("\n### ", start + 1)]
+
+
+def test_readme_task_keeps_every_completion_and_its_scorer_is_the_fixtures():
+    import yaml
+
+    section = readme_section()
+    task = yaml.safe_load(section.split("```yaml\n")[1].split("```")[0])
+    assert task["repeats"] == 8 and task["generation_kwargs"]["do_sample"] is True
+    (pipeline,) = task["filter_list"]
+    assert [step["function"] for step in pipeline["filter"]] == ["regex"]  # no take_first, no vote
+    assert [m["metric"] for m in task["metric_list"]] == ["exact_match"]
+    # The per-completion scorer shown is the one the tiny_repeat_list fixture was written with.
+    scope: dict = {}
+    exec(section.split("```python\n")[1].split("```")[0], scope)
+    rows = lmeval_rows(lmeval_file("timber", "tiny_repeat_list"))
+    for row in rows:
+        assert scope["per_repeat"](row["doc"], row["filtered_resps"]) == {"acc": row["acc"]}
+    assert scope["mean_of_lists"]([r["acc"] for r in rows]) == pytest.approx(
+        sum(map(sum, (r["acc"] for r in rows))) / (8 * len(rows)))
+
+
+def test_readme_task_run_by_lm_eval_gives_n_8():
+    # scripts/make_lmeval_fixtures.py ran README's YAML verbatim: its regex never matches the
+    # tiny models' letters (c = 0 throughout), but every completion is kept and counted.
+    tallies, notes = read_both("my_task_pass8")
+    assert notes == [] and {t.n for t in tallies} == {REPEATS}
+    assert tallies == expected_tallies("base", "my_task_pass8") + expected_tallies("timber", "my_task_pass8")
+    (results,) = (LMEVAL / MODEL_DIRS["base"]).glob("results_*.json")
+    config = json.loads(results.read_text())["configs"]["my_task_pass8"]
+    assert config["repeats"] == REPEATS and config["filter_list"][0]["name"] == "all"

@@ -24,9 +24,12 @@ from mergekit_timber import passk as pk
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
 @click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(pk.FORMATS),
               help="Input format; auto: lm-eval if a file's first object has 'doc_id', else native records.")
-@click.option("--label", help="Model label for lm-eval sample files (default: the file's directory name).")
-@click.option("--metric", help="lm-eval metric holding per-sample correctness (default: exact_match, acc or pass@1).")
-@click.option("--filter", "filter_name", help="lm-eval filter to read when a file has several (e.g. strict-match).")
+@click.option("--label", help="Model label for every lm-eval samples file (default: lm-eval's model directory"
+              " name, shortened to the path parts that tell the models apart).")
+@click.option("--metric", help="lm-eval metric holding per-sample correctness (default: exact_match, acc or pass@1;"
+              " pass@k with k >= 2 is refused).")
+@click.option("--filter", "filter_name", help="lm-eval filter to read when a file has several; for Pass@k one"
+              " that keeps every repeat.")
 def passk(
     records: Sequence[Path],
     out_dir: Path,
@@ -43,13 +46,16 @@ def passk(
     """Pass@k (unbiased estimator) per model from per-sample correctness RECORDS.
 
     RECORDS are JSON Lines: native records {"model", "problem", "correct": true/false},
-    one per sample, or lm-evaluation-harness --log_samples files (samples_<task>_<date>.jsonl).
+    one per sample, or lm-evaluation-harness --log_samples files (samples_<task>_<date>.jsonl,
+    read by their structure: n completions kept per problem, c correct; a file that holds no
+    per-sample correctness, such as pass@8 or lm-eval's results_*.json, is refused).
     Prints a table and writes DIR/passk.csv and DIR/passk.png.
     """
     try:
         wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
         ks = pk.parse_ks(ks_text) if ks_text else None
-        tallies = pk.read_tallies(records, fmt=fmt, label=label, metric=metric, filter_name=filter_name)
+        tallies = pk.read_tallies(records, fmt=fmt, label=label, metric=metric, filter_name=filter_name,
+                                  warn=lambda message: click.echo(f"warning: {message}", err=True))
         counts = pk.group_counts(tallies, wanted)
     except pk.PasskError as exc:
         raise click.ClickException(str(exc)) from None
@@ -93,9 +99,10 @@ def plot_curves(curves: Sequence[pk.Curve], path: Path, confidence: float = 0.95
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     banded = False
+    lines = []
     for c in curves:
-        (line,) = ax.plot(c.k, c.pass_at_k, marker="o" if c.k.size <= 16 else None, markersize=3,
-                          label=f"{c.model} (n={c.n})")
+        (line,) = ax.plot(c.k, c.pass_at_k, marker="o" if c.k.size <= 16 else None, markersize=3)
+        lines.append(line)
         if not np.isnan(c.ci_low).all():  # all NaN when no bootstrap was run
             ax.fill_between(c.k, c.ci_low, c.ci_high, color=line.get_color(), alpha=0.2, linewidth=0)
             banded = True
@@ -108,5 +115,7 @@ def plot_curves(curves: Sequence[pk.Curve], path: Path, confidence: float = 0.95
     ax.set_title(f"pass@k over {problems} problems{bands}")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
+    # Handles and labels given explicitly: matplotlib's automatic legend skips labels that
+    # start with "_", and a model name may.
+    ax.legend(lines, [f"{c.model} (n={c.n})" for c in curves], loc="lower right")
     fig.savefig(path, dpi=120)
