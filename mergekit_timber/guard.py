@@ -123,6 +123,7 @@ RELIED_ON: Tuple[Relied, ...] = (
       why="recipe keys; a slice's own base_model"),
     R("mergekit.config.OutputModuleDefinition", "called", ("slices", "models", "parameters"), why="recipe keys"),
     R("mergekit.config.ParameterSetting", "type", why="mergekit's own parser of a parameter setting"),
+    R("mergekit.config.ConditionalParameter", "called", ("value", "filter"), why="keys of a filter entry"),
     R("mergekit.common.ModelReference", "called", ("model", "lora"),
       attrs=("model_validate", "local_path", "config"), why="models of the recipe"),
     R("mergekit.common.dtype_from_name", "called", ("name",), why="a sweep casts to out_dtype"),
