@@ -4,7 +4,13 @@ mergekit 0.1.5 has no plugin discovery. The ``mergekit_timber_hook.pth`` file th
 with the wheel imports this module at interpreter start. It installs a meta-path finder
 that, right after mergekit imports one of the modules in ``FOLLOW_UP``, imports our
 module paired with it. Importing ``mergekit_timber.method`` registers the methods (the
-one rule, as mergekit's own registry registers in its module body).
+one rule, as mergekit's own registry registers in its module body); importing
+``mergekit_timber.patches`` checks mergekit and puts the seam in place
+(mergekit_timber/patches.py says what it changes and why).
+
+No failure of ours may break ``import mergekit``: a follow-up that raises becomes a
+warning (and mergekit_timber.patches itself never raises: on a mergekit it cannot use,
+it only makes Timber merges stop with one line).
 
 Nothing here imports torch or mergekit (nor importlib.abc, which alone costs ~25 ms):
 the cost at interpreter start is one small module and one finder.
@@ -21,18 +27,12 @@ import warnings
 # mergekit module -> our module to import as soon as it has been executed.
 FOLLOW_UP = {
     "mergekit.merge_methods": "mergekit_timber.method",
-    "mergekit.merge": "mergekit_timber.seam",
+    "mergekit.merge": "mergekit_timber.patches",
 }
-# Follow-ups whose failure must stop the import: the seam refuses an unsupported mergekit
-# loudly rather than let a Timber merge write a wrong output.
-MUST_LOAD = ("mergekit_timber.seam",)
 
 
 def _import_quietly(name: str) -> None:
-    if name in MUST_LOAD:
-        importlib.import_module(name)
-        return
-    # Any other failure must never break `import mergekit`: report it and go on.
+    # A failure must never break `import mergekit`: report it and go on.
     try:
         importlib.import_module(name)
     except Exception as error:  # noqa: BLE001 - any failure becomes a warning
@@ -77,13 +77,18 @@ class _Finder:
         return spec
 
 
+def ensure(target: str) -> None:
+    """Import the follow-up of `target` if `target` is loaded (e.g. before the finder was)."""
+    if target in sys.modules:
+        _import_quietly(FOLLOW_UP[target])
+
+
 def install() -> None:
     """Import our follow-ups of mergekit modules already loaded; watch for the rest."""
     if not any(isinstance(finder, _Finder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
-    for target, follow_up in FOLLOW_UP.items():
-        if target in sys.modules:
-            _import_quietly(follow_up)
+    for target in FOLLOW_UP:
+        ensure(target)
 
 
 install()

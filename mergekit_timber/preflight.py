@@ -1,20 +1,29 @@
-"""Checks a Timber merge before its first tensor: every bad input stops it with one line.
+"""Checks a Timber merge before its first tensor: refuses what is wrong, and only that.
 
 `check(merge_config, options, source=None)` runs for `merge_method: timber` and
 `timber_l` (any other method returns at once) and raises a one-line `TimberError`:
 
 - config keys: mergekit's pydantic models drop unknown keys (a top-level
   `paramaters:` vanishes), so the raw YAML `source` is checked when given (mergekit-yaml
-  passes it to run_merge as `config_source`); every key under `parameters:` (global,
-  per module, per slice, per model, per filter entry) must be a Timber parameter read
-  in that place: parameters under the base model's entry are never read;
-- parameter values: each scalar (filters and gradients included) goes through the
-  method's own strict validators (method._parameters); `null` is named too;
+  passes it to run_merge as `config_source`) against mergekit's own field names. Under
+  `parameters:` (global, per module, per slice, per model) the vocabulary is mergekit's
+  too: the parameter names of every registered method. Another method's parameter
+  (`weight`, `density`, ...) is a warning, as mergekit ignores it for Timber; a name no
+  method knows is an error naming the closest; Timber's own under the base model's entry
+  (never read) is an error;
+- parameter values: one validation. A setting's shape (value, gradient, filter entries)
+  is mergekit's `ParameterSetting`; each value goes through the method's own
+  `ParameterSpec.validate` (mergekit_timber.method), exactly as mergekit resolves it per
+  tensor. Preflight only adds what neither reports in one line: `null`, unknown keys in a
+  filter entry;
 - models: each exists locally or as a Hub id (a local-looking path that does not exist
   is reported as such); every safetensors header parses (file and model named);
-- the Base/Instruct pair: tensor sets, shapes and dtypes agree and lm_head is tied
-  (or not) in both, so no output tensor pairs unrelated tensors.
+- the Base/Instruct pair, for the tensors mergekit will read (the architecture's weights,
+  their aliases and tied names): tensor sets and shapes agree, and lm_head is tied (or
+  not) in both as transformers reads the configs. Mixed dtypes without `dtype:` are a
+  warning: mergekit promotes both to a common dtype, as for any method.
 
+The Base is `base_model:` or the slices' own `base_model:` (mergekit_timber.recipe).
 `explain_config_error` turns mergekit's pydantic error for a Timber config (e.g.
 `lambda: null`) into the same one-line errors.
 """
@@ -22,12 +31,15 @@
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from mergekit_timber.errors import TimberConfigError, TimberError, TimberInputError, add_explainer
+from mergekit_timber.guard import TIMBER_METHODS
+from mergekit_timber.recipe import base_model
 
-TIMBER_METHODS = ("timber", "timber_l")
+LOG = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- config
@@ -138,45 +150,80 @@ def _parameter_places(doc: Dict[str, Any]) -> Iterator[Tuple[str, Any, bool]]:
                     )
 
 
+def _setting_parser():
+    from mergekit.config import ParameterSetting
+    from pydantic import TypeAdapter
+
+    global _SETTING
+    if _SETTING is None:
+        _SETTING = TypeAdapter(ParameterSetting)
+    return _SETTING
+
+
+_SETTING = None
+
+
 def _check_value(method: str, spec, value: Any, where: str) -> None:
-    """One parameter setting: a scalar, a gradient list, or filter entries."""
+    """One parameter setting, read as mergekit reads it, each value through the spec."""
+    from mergekit.config import ConditionalParameter
+
     name = spec.name
     if value is None:
         raise TimberConfigError(f"{method}: parameter {name} has no value (null) in {where}")
-    if isinstance(value, dict):
-        _unknown_keys(method, value, ["filter", "value"], f"in the {name} filter entry in {where}")
-        if "value" not in value:
-            raise TimberConfigError(f"{method}: parameter {name}: a filter entry in {where} has no value")
-        if not isinstance(value.get("filter", ""), (str, type(None))):
-            raise TimberConfigError(
-                f"{method}: parameter {name}: filter must be a string in {where}; got {value['filter']!r}"
-            )
-        return _check_value(method, spec, value["value"], where)
-    if isinstance(value, list):
-        if not value:
-            return
-        if all(isinstance(v, dict) for v in value):
-            for entry in value:
-                _check_value(method, spec, entry, where)
-            return
-        for v in value:  # a gradient: scalars only
-            if isinstance(v, (dict, list)):
-                raise TimberConfigError(
-                    f"{method}: parameter {name} in {where}: a list holds either numbers "
-                    f"(a gradient) or filter entries, not {v!r}"
-                )
-            _check_value(method, spec, v, where)
-        return
+    entries = value if isinstance(value, list) and value and all(isinstance(v, dict) for v in value) else [value]
+    for entry in entries:
+        # mergekit's ConditionalParameter drops keys it does not know (a misspelt `value:`).
+        if isinstance(entry, dict):
+            _unknown_keys(method, entry, _fields(ConditionalParameter), f"in the {name} filter entry in {where}")
+            if "value" not in entry:
+                raise TimberConfigError(f"{method}: parameter {name}: a filter entry in {where} has no value")
+            if entry["value"] is None:
+                raise TimberConfigError(f"{method}: parameter {name} has no value (null) in a filter entry in {where}")
     try:
-        spec.validate(value)
-    except TimberError as exc:
-        raise TimberConfigError(f"{exc} (in {where})") from None
-    except Exception as exc:  # pydantic's multi-line error: keep its first message
+        setting = _setting_parser().validate_python(value)
+    except Exception as exc:  # pydantic's multi-line union error: say what mergekit reads instead
         errors = getattr(exc, "errors", lambda: [])()
         reason = errors[0]["msg"] if errors else str(exc).splitlines()[0]
         raise TimberConfigError(
-            f"{method}: parameter {name} in {where}: invalid value {value!r}: {reason}"
+            f"{method}: parameter {name} in {where}: {value!r} is not a setting mergekit reads "
+            f"(a value, a list of values (a gradient), or filter entries each with a value:): {reason}"
         ) from None
+    for scalar in _scalars(setting):
+        try:
+            spec.validate(scalar)
+        except TimberError as exc:
+            raise TimberConfigError(f"{exc} (in {where})") from None
+        except Exception as exc:  # pydantic's multi-line error: keep its first message
+            errors = getattr(exc, "errors", lambda: [])()
+            reason = errors[0]["msg"] if errors else str(exc).splitlines()[0]
+            raise TimberConfigError(
+                f"{method}: parameter {name} in {where}: invalid value {scalar!r}: {reason}"
+            ) from None
+
+
+def _scalars(setting: Any) -> Iterator[Any]:
+    """Every value a parsed setting holds: as mergekit's evaluate_setting reaches them."""
+    from mergekit.config import ConditionalParameter
+
+    if isinstance(setting, ConditionalParameter):
+        yield from _scalars(setting.value)
+    elif isinstance(setting, list):
+        for item in setting:
+            yield from _scalars(item)
+    else:
+        yield setting
+
+
+def parameter_vocabulary() -> Dict[str, List[str]]:
+    """Parameter name -> the registered methods that declare it (mergekit's vocabulary)."""
+    import mergekit_timber.method  # noqa: F401 - registers the methods
+    from mergekit import merge_methods
+
+    names: Dict[str, List[str]] = {}
+    for method in merge_methods.registered_methods():
+        for parameter in method.spec.parameters:
+            names.setdefault(parameter.name, []).append(method.spec.name)
+    return names
 
 
 def check_document(doc: Dict[str, Any]) -> None:
@@ -185,6 +232,8 @@ def check_document(doc: Dict[str, Any]) -> None:
     if method not in TIMBER_METHODS:
         return
     specs = {p.name: p for p in _spec(method).parameters}
+    vocabulary = parameter_vocabulary()
+    ignored: Dict[str, List[str]] = {}
     _check_structure(method, doc)
     for where, params, base_entry in _parameter_places(doc):
         if params is None:
@@ -192,10 +241,14 @@ def check_document(doc: Dict[str, Any]) -> None:
         if not isinstance(params, dict):
             raise TimberConfigError(f"{method}: {where}: expected a mapping of parameters; got {params!r}")
         for key, value in params.items():
+            if key not in specs and key in vocabulary:
+                ignored.setdefault(key, []).append(where)
+                continue
             if key not in specs:
+                closest = _closest(key, specs) or _closest(key, vocabulary)
                 raise TimberConfigError(
-                    f"{method}: unknown parameter {key!r} in {where}{_closest(key, specs)} "
-                    f"(known: {', '.join(specs)})"
+                    f"{method}: unknown parameter {key!r} in {where}{closest} "
+                    f"(known: {', '.join(specs)}); no merge method has a parameter of that name"
                 )
             if base_entry:
                 raise TimberConfigError(
@@ -203,6 +256,13 @@ def check_document(doc: Dict[str, Any]) -> None:
                     "read: set it under the instruct model's entry or in the top-level parameters:"
                 )
             _check_value(method, specs[key], value, where)
+    for key, places in ignored.items():
+        owners = [m for m in vocabulary[key] if m != method]
+        LOG.warning(
+            "%s: parameter %r (in %s) is a parameter of %s; %s ignores it (its parameters: %s)",
+            method, key, ", ".join(places), ", ".join(owners[:4]) + (", ..." if len(owners) > 4 else ""),
+            method, ", ".join(specs),
+        )
 
 
 def _document(merge_config, source: Optional[str]) -> Dict[str, Any]:
@@ -274,66 +334,100 @@ def _open(directory: Path, role: str):
 
 def _pair(merge_config) -> Optional[Tuple[Any, Any]]:
     """(base, instruct) when the config names exactly those two; else None."""
-    base = merge_config.base_model
+    base = base_model(merge_config)
     others = [m for m in merge_config.referenced_models() if m != base]
     if base is None or len(others) != 1:
         return None  # TimberMerge.validate_inputs reports it
     return base, others[0]
 
 
-def _architecture_weights(merge_config, options) -> List[Any]:
-    """The configured architecture's weights (name, aliases, tied names, optional)."""
+def _architecture_weights(merge_config, options, base) -> Optional[List[Any]]:
+    """The configured architecture's weights (name, aliases, tied names, optional), as
+    mergekit plans them; None when mergekit knows no architecture for the pair."""
     from mergekit.architecture import get_architecture_info
     from mergekit.architecture.base import ConfiguredModelArchitecture
 
     try:
         arch = get_architecture_info(merge_config, options)
-        config = merge_config.base_model.config(trust_remote_code=options.trust_remote_code)
+        config = base.config(trust_remote_code=options.trust_remote_code)
         return ConfiguredModelArchitecture(info=arch, config=config).all_weights()
-    except Exception:  # mergekit reports unknown architectures itself; still check lm_head
-        from mergekit.architecture import WeightInfo
-
-        return [WeightInfo(name="lm_head.weight", optional=True, tied_names=("model.embed_tokens.weight",))]
+    except Exception:  # noqa: BLE001 - mergekit reports unknown architectures itself
+        return None
 
 
-def _tied(config: dict, names: set, weight) -> bool:
-    """Whether the model takes `weight` (lm_head) from its tied input embedding."""
-    own = any(n in names for n in (weight.name, *(weight.aliases or ())))
-    return not own or bool(config.get("tie_word_embeddings", False))
+def ties_embeddings(ref, options, raw: Dict[str, Any]) -> bool:
+    """tie_word_embeddings as transformers reads it for `ref`'s model.
+
+    transformers takes the config class's default when the key is absent (True for
+    Gemma, False for Llama and Qwen), and composite configs forward a `text_config`
+    setting to the top level; a config without the attribute ties nothing, unless its
+    text config (a sub-model with its own config) does.
+    """
+    try:
+        config = ref.config(trust_remote_code=options.trust_remote_code)
+        tie = getattr(config, "tie_word_embeddings", None)
+        if tie is None:
+            tie = getattr(config.get_text_config(decoder=True), "tie_word_embeddings", None)
+        return bool(tie)
+    except Exception:  # noqa: BLE001 - no config class here: read the file as transformers' base would
+        text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+        return bool(raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
-def _check_pair(merge_config, options, base: Tuple[str, Any], instruct: Tuple[str, Any]) -> None:
+def _fallback_weights() -> List[Any]:
+    from mergekit.architecture import WeightInfo
+
+    return [WeightInfo(name="lm_head.weight", optional=True, tied_names=("model.embed_tokens.weight",))]
+
+
+def _check_pair(merge_config, options, base: Tuple[str, Any], instruct: Tuple[str, Any], refs=None) -> None:
     (base_label, b), (inst_label, i) = base, instruct
+    base_ref, inst_ref = refs if refs else (None, None)
     names_b, names_i = set(b.names()), set(i.names())
-    weights = _architecture_weights(merge_config, options)
+    weights = _architecture_weights(merge_config, options, base_ref) if base_ref is not None else None
+    known_architecture = weights is not None
+    weights = weights if known_architecture else _fallback_weights()
+
+    # The names mergekit reads: each weight's name, aliases and tied names. Others (a
+    # tensor the architecture does not list) are never read: a difference there is harmless.
+    from mergekit.architecture.conversion import get_checkpoint_conversion_mapping
+
+    model_type = b.config().get("model_type")
+    converted = bool(get_checkpoint_conversion_mapping(model_type))  # mergekit converts layouts
+    read = {n for w in weights for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
+    if not known_architecture or converted:
+        read = names_b | names_i  # which names mergekit reads is not known here: all of them
 
     tied_pairs = set()
     for weight in weights:
-        if not weight.tied_names:
-            continue
-        tied_b, tied_i = _tied(b.config(), names_b, weight), _tied(i.config(), names_i, weight)
-        tied_pairs.update((weight.name, *(weight.aliases or ())))
+        own_names = (weight.name, *(weight.aliases or ()))
+        if not weight.tied_names or not any(n in names_b | names_i for n in own_names):
+            continue  # nothing tied, or mergekit skips the optional weight (no model has it)
+        tied_pairs.update(own_names)
+
+        def tied(ref, checkpoint, names) -> bool:
+            own = any(n in names for n in own_names)
+            return not own or ties_embeddings(ref, options, checkpoint.config())
+
+        tied_b, tied_i = tied(base_ref, b, names_b), tied(inst_ref, i, names_i)
         if tied_b != tied_i:
-            untied, tied = (base_label, inst_label) if tied_i else (inst_label, base_label)
+            untied, tied_side = (base_label, inst_label) if tied_i else (inst_label, base_label)
             raise TimberInputError(
-                f"{weight.name}: the {untied} has its own {weight.name} but the {tied} ties it "
+                f"{weight.name}: the {untied} has its own {weight.name} but the {tied_side} ties it "
                 f"to {weight.tied_names[0]} (tie_word_embeddings / no {weight.name}); Timber "
                 f"would pair one model's {weight.name} with the other's {weight.tied_names[0]}: "
                 "use a Base and Instruct with the same tie_word_embeddings"
             )
 
-    for name in sorted((names_b ^ names_i) - tied_pairs):
+    differ = sorted(((names_b ^ names_i) & read) - tied_pairs)
+    for name in differ:
         has, lacks = (base_label, inst_label) if name in names_b else (inst_label, base_label)
-        more = len((names_b ^ names_i) - tied_pairs) - 1
         raise TimberInputError(
             f"{name}: tensor present in the {has} but missing from the {lacks}"
-            + (f" ({more} more tensors differ)" if more else "")
+            + (f" ({len(differ) - 1} more tensors differ)" if len(differ) > 1 else "")
         )
 
-    from mergekit.architecture.conversion import get_checkpoint_conversion_mapping
-
-    model_type = b.config().get("model_type")
-    if not get_checkpoint_conversion_mapping(model_type):  # else mergekit converts layouts
+    if known_architecture and not converted:
         for weight in weights:
             wanted = (weight.name, *(weight.aliases or ()), *(weight.tied_names or ()))
             if not weight.optional and not any(n in names_b for n in wanted):
@@ -344,17 +438,33 @@ def _check_pair(merge_config, options, base: Tuple[str, Any], instruct: Tuple[st
 
     vocab = {w.name for w in weights if w.vocabulary_axis is not None}
     resized = merge_config.tokenizer_source is not None or merge_config.tokenizer is not None
-    for name in sorted(names_b & names_i):
+    mixed = []
+    for name in sorted(names_b & names_i & read):
         (shape_b, dtype_b), (shape_i, dtype_i) = b.info(name), i.info(name)
         if shape_b != shape_i and not (resized and name in vocab):
             raise TimberInputError(
                 f"{name}: shape {shape_b} in the {base_label} but {shape_i} in the {inst_label}"
             )
         if dtype_b != dtype_i and merge_config.dtype is None:
-            raise TimberInputError(
-                f"{name}: dtype {dtype_b} in the {base_label} but {dtype_i} in the {inst_label}; "
-                "set dtype: in the config to merge both in one dtype"
-            )
+            mixed.append((name, dtype_b, dtype_i))
+    if mixed:
+        name, dtype_b, dtype_i = mixed[0]
+        more = f" ({len(mixed) - 1} more tensors differ)" if len(mixed) > 1 else ""
+        LOG.warning(
+            "%s: dtype %s in the %s but %s in the %s%s; mergekit promotes both to %s, and the merged "
+            "tensors are written in it unless out_dtype: is set: set dtype: to merge in another dtype",
+            name, dtype_b, base_label, dtype_i, inst_label, more, _promoted(dtype_b, dtype_i),
+        )
+
+
+def _promoted(dtype_a: str, dtype_b: str) -> str:
+    """torch.promote_types of two safetensors dtype names (what mergekit's align_dtype uses)."""
+    import torch
+
+    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    if dtype_a in names and dtype_b in names:
+        return str(torch.promote_types(names[dtype_a], names[dtype_b])).removeprefix("torch.")
+    return "a common dtype"
 
 
 def check(merge_config, options, source: Optional[str] = None) -> None:
@@ -377,7 +487,7 @@ def check(merge_config, options, source: Optional[str] = None) -> None:
                 role = roles.get(ref, "model")
                 checkpoints[ref] = (f"{role} ({directory})", _open(directory, role))
         if pair and all(checkpoints.get(ref, (None, None))[1] is not None for ref in pair):
-            _check_pair(merge_config, options, checkpoints[pair[0]], checkpoints[pair[1]])
+            _check_pair(merge_config, options, checkpoints[pair[0]], checkpoints[pair[1]], refs=pair)
     finally:
         for _, checkpoint in checkpoints.values():
             if checkpoint is not None:

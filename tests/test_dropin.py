@@ -92,9 +92,9 @@ def _in_process(config, out, original=False):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    from mergekit_timber import seam
+    from mergekit_timber import guard
 
-    merge = seam._original("run_merge") if original else run_merge
+    merge = guard.lookup("mergekit.merge.run_merge") if original else run_merge
     merge(MergeConfiguration.model_validate(config), str(out), options=MergeOptions(quiet=True))
     return load_dir(out)
 
@@ -181,7 +181,7 @@ def test_no_hook_really_excludes_the_seam():
     code = (
         "import sys, mergekit.merge as m, mergekit.scripts.run_yaml as r\n"
         "seam = lambda f: getattr(f, '_timber_seam', False)\n"
-        "print('mergekit_timber.seam' in sys.modules, seam(m.run_merge), seam(r.run_merge), "
+        "print('mergekit_timber.patches' in sys.modules, seam(m.run_merge), seam(r.run_merge), "
         "seam(m._get_donor_model), seam(m._model_out_config), sys.excepthook is sys.__excepthook__)"
     )
     assert _python(code, NO_HOOK).stdout.split() == ["False"] * 5 + ["True"]
@@ -190,11 +190,114 @@ def test_no_hook_really_excludes_the_seam():
     assert _python(code).stdout.split() == ["True"] * 6
 
 
-def test_unsupported_mergekit_fails_loudly_at_import(tmp_path):
-    fake = tmp_path / "site" / "mergekit-0.1.6.dist-info"
-    fake.mkdir(parents=True)
-    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: mergekit\nVersion: 0.1.6\n")
-    proc = _python("import mergekit.merge", {"PYTHONPATH": str(tmp_path / "site")})
-    assert proc.returncode != 0
-    assert "ImportError: mergekit-timber: mergekit 0.1.6 is not a supported version" in proc.stderr
-    assert "install mergekit==0.1.5" in proc.stderr
+# ------------------------------------------------------------------ another mergekit
+#
+# The real mergekit-yaml in a subprocess, against a mergekit that differs from the one
+# installed: its metadata says 0.1.6 (a dist-info first on PYTHONPATH, as after
+# `pip install -U mergekit` with the same code), or a copy of the package in which a
+# function the seam relies on was renamed (a mergekit refactor). Non-Timber merges must
+# be byte for byte mergekit's own; a Timber merge must be right or stop with one line.
+
+MERGEKIT = Path(__import__("mergekit").__file__).parent
+
+
+def fake_version(site: Path, version: str) -> None:
+    info = site / f"mergekit-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: mergekit\nVersion: {version}\n")
+
+
+def renamed_copy(site: Path, old: str, new: str) -> None:
+    """A copy of the installed mergekit in which mergekit.merge's `old` is called `new`."""
+    shutil.copytree(MERGEKIT, site / "mergekit", ignore=shutil.ignore_patterns("__pycache__"))
+    merge = site / "mergekit" / "merge.py"
+    text = merge.read_text()
+    assert f"def {old}(" in text
+    merge.write_text(text.replace(old, new))
+
+
+def linear_config(base, instruct):
+    return {"merge_method": "linear", "base_model": str(base), "parameters": {"weight": 0.5},
+            "models": [{"model": str(base)}, {"model": str(instruct)}]}
+
+
+def merge_with(site, config, out, env=None):
+    """mergekit-yaml with `site` first on PYTHONPATH (None: the mergekit installed)."""
+    path = os.pathsep.join(p for p in (str(site) if site else "", os.environ.get("PYTHONPATH", "")) if p)
+    cfg = write_yaml(out.parent / f"{out.parent.name}.yml", config)
+    return run_cli("mergekit-yaml", cfg, out, check=False, env=dict(env or {}, PYTHONPATH=path, PYTHONHASHSEED="0"))
+
+
+def same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and "model.safetensors" in names
+    match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+    assert not mismatch and not errors, mismatch
+
+
+@pytest.fixture(scope="module")
+def references(pair, tmp_path_factory):
+    """Outputs on the mergekit installed: linear without the plugin, timber with it."""
+    base, instruct = pair
+    root = tmp_path_factory.mktemp("references")
+    outs = {"linear": root / "linear" / "out", "timber": root / "timber" / "out"}
+    for method, env in (("linear", NO_HOOK), ("timber", {})):
+        outs[method].parent.mkdir()
+        config = linear_config(base, instruct) if method == "linear" else timber_config(base, instruct)
+        proc = merge_with(None, config, outs[method], env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return outs
+
+
+@pytest.mark.parametrize("mergekit", ["reports 0.1.6", "renamed _get_donor_model"])
+def test_another_mergekit_never_breaks_a_merge(pair, references, tmp_path, mergekit):
+    base, instruct = pair
+    site = tmp_path / "site"
+    fake_version(site, "0.1.6")
+    if mergekit.startswith("renamed"):
+        name = mergekit.split()[1]
+        renamed_copy(site, name, name.replace("_", "_mk_", 1))
+    for method in ("linear", "timber"):
+        (tmp_path / method).mkdir()
+        config = linear_config(base, instruct) if method == "linear" else timber_config(base, instruct)
+        out = tmp_path / method / "out"  # same basename as the reference: the card names it
+        proc = merge_with(site, config, out)
+        if method == "linear" or mergekit == "reports 0.1.6":
+            # Every relied-on function is there: linear is mergekit's, Timber runs (with one notice).
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            same_files(out, references[method])
+            notices = proc.stderr.count("is not a version mergekit-timber was verified with")
+            assert notices == (1 if method == "timber" and mergekit == "reports 0.1.6" else 0), proc.stderr[-3000:]
+            if method == "linear":
+                assert "mergekit-timber" not in proc.stderr, proc.stderr[-3000:]
+        else:
+            assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+            last = proc.stderr.strip().splitlines()[-1]
+            assert last.startswith("mergekit-timber: error: timber merges cannot run with this mergekit (0.1.6): "), last
+            assert f"mergekit.merge.{name} is missing" in last and "pip install mergekit==0.1.5" in last, last
+            assert not out.exists()
+
+
+def test_a_broken_seam_leaves_mergekit_alone_and_refuses_timber(pair, tmp_path):
+    """Our own failure at install (here: the seam module cannot be imported) is a refusal too."""
+    base, instruct = pair
+    code = (
+        "import sys\n"
+        "sys.modules['mergekit_timber.seam'] = None  # importing it now raises ImportError\n"
+        "import mergekit.merge as m\n"
+        "from mergekit_timber import guard\n"
+        "from mergekit.config import MergeConfiguration\n"
+        "from mergekit.options import MergeOptions\n"
+        f"config = MergeConfiguration.model_validate({timber_config(base, instruct)!r})\n"
+        "try:\n"
+        f"    m.run_merge(config, {str(tmp_path / 'out')!r}, options=MergeOptions(quiet=True))\n"
+        "except Exception as error:\n"
+        "    print(type(error).__name__, error)\n"
+        "print(m._get_donor_model.__module__, m._model_out_config.__module__)\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = proc.stdout.strip().splitlines()
+    assert first.startswith("TimberError timber merges cannot run with this mergekit") and "installing the seam failed" in first
+    assert second == "mergekit.merge mergekit.merge"  # mergekit's own functions, not replaced
+    assert not (tmp_path / "out").exists()

@@ -141,3 +141,96 @@ def test_cli_help_is_fast_to_import():
     out = py(code).stdout
     assert "analyze" in out and "sweep" in out and "passk" in out
     assert out.strip().splitlines()[-1] == "False False"
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def _mergekit_names_used():
+    """Every mergekit name a module of the package imports, or reads from a mergekit module."""
+    import ast
+    import importlib.util
+
+    def is_module(name):
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    used = {}
+    for file in sorted((ROOT / "mergekit_timber").rglob("*.py")):
+        tree = ast.parse(file.read_text())
+        modules = {}  # local alias -> mergekit module
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mergekit":
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    if is_module(full):
+                        modules[alias.asname or alias.name] = full
+                    else:
+                        used.setdefault(full, file.name)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "mergekit" and alias.asname:
+                        modules[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+                used.setdefault(f"{modules[node.value.id]}.{node.attr}", file.name)
+    return used
+
+
+def test_every_mergekit_name_the_package_touches_is_in_the_guard_table():
+    from mergekit_timber import guard
+
+    used = _mergekit_names_used()
+    assert "mergekit.merge_methods.registry._METHODS" in used and "mergekit.card.CARD_TEMPLATE" in used
+    missing = {name: where for name, where in used.items() if name not in guard.BY_NAME}
+    assert not missing, f"add these to mergekit_timber.guard.RELIED_ON: {missing}"
+
+
+def test_the_installed_mergekit_passes_the_guard_and_is_patched():
+    import mergekit.merge as merge
+
+    from mergekit_timber import guard
+
+    assert guard.check() == []
+    assert guard.verdict().problems == () and guard.verdict().verified
+    for entry in guard.RELIED_ON:
+        if entry.kind == "patched":
+            assert getattr(getattr(merge, entry.name), "_timber_seam", False), entry.where
+            assert guard.lookup(entry.where).__module__ == "mergekit.merge"
+
+
+@pytest.mark.parametrize(
+    "entry,problem",
+    [
+        (("mergekit.merge.run_merge", "patched", ("merge_config", "out_path")), "has parameters (merge_config, out_path, options, config_source), not (merge_config, out_path)"),
+        (("mergekit.merge._copy_tokenizer", "called", ("merge_config", "tokenizer")), "takes no parameter 'tokenizer'"),
+        (("mergekit.merge._no_such_function", "called", ()), "mergekit.merge._no_such_function is missing"),
+        (("mergekit.no_such_module.thing", "class", ()), "mergekit.no_such_module cannot be imported"),
+        (("mergekit.card.CARD_TEMPLATE", "template", ("name",)), "mergekit.card.CARD_TEMPLATE has the fields"),
+        (("mergekit.io.tasks.LoaderCache", "class", (), ("no_such_attribute",)), "has no attribute 'no_such_attribute'"),
+    ],
+)
+def test_the_guard_names_what_changed(entry, problem):
+    from mergekit_timber import guard
+
+    relied = guard.Relied(*entry)
+    guard.BY_NAME[relied.where], saved = relied, guard.BY_NAME.get(relied.where)
+    try:
+        assert problem in guard.problem_with(relied)
+    finally:
+        if saved is None:
+            del guard.BY_NAME[relied.where]
+        else:
+            guard.BY_NAME[relied.where] = saved
+
+
+def test_undo_puts_mergekit_back_and_install_patches_again():
+    code = (
+        "import mergekit.merge as m, mergekit_timber.patches as p\n"
+        "seam = lambda: [getattr(getattr(m, n), '_timber_seam', False) for n in ('run_merge', '_model_out_config', '_get_donor_model')]\n"
+        "print(seam()); p.undo(); print(seam(), m.run_merge.__module__); p.install(); print(seam())"
+    )
+    lines = py(code).stdout.strip().splitlines()
+    assert lines == ["[True, True, True]", "[False, False, False] mergekit.merge", "[True, True, True]"]

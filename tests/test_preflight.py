@@ -152,7 +152,9 @@ def test_python_api_path_is_checked_too(pair, tmp_path):
         ([{"filter": "mlp", "value": True}, {"value": 0.2}], "parameter lambda must be a number; got True"),
         ([0.1, "x"], "parameter lambda must be a number; got 'x'"),
         ([{"filter": "mlp"}], "a filter entry in parameters has no value"),
-        ([0.1, [0.2]], "a list holds either numbers"),
+        ([0.1, [0.2]], "[0.1, [0.2]] is not a setting mergekit reads"),
+        ([{"filter": 3, "value": 0.2}], "is not a setting mergekit reads"),
+        ([{"filter": "mlp", "value": None}], "parameter lambda has no value (null) in a filter entry"),
         (1.5, "lambda must lie in [0, 1]; got 1.5"),
     ],
 )
@@ -224,22 +226,6 @@ def test_missing_tensor_is_named(pair, tmp_path):
     fail(tmp_path, cfg(pair[0], bad), f"{Q}: tensor present in the base model", f"missing from the instruct model ({bad})")
 
 
-def test_dtype_mismatch_is_named(pair, tmp_path):
-    def to_half(weights):
-        for name in weights:
-            weights[name] = weights[name].to(torch.float16)
-
-    half = copy_model(pair[1], tmp_path / "half", edit=to_half)
-    refuse(cfg(pair[0], half), "dtype BF16 in the base model", "F16 in the instruct model", "set dtype:")
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
-
-    from mergekit_timber import preflight
-
-    # One dtype asked for: mergekit casts both, nothing to refuse.
-    preflight.check(MergeConfiguration.model_validate(dict(cfg(pair[0], half), dtype="float32")), MergeOptions())
-
-
 @pytest.mark.parametrize("tied_side", ["instruct", "base"])
 def test_tied_and_untied_lm_head_do_not_mix(pair, tmp_path, tied_side):
     def untie(weights):
@@ -298,3 +284,163 @@ def test_sweep_names_distinct_lambdas_apart():
     assert [output_name(x) for x in lams] == ["lambda-0.2", "lambda-0.2000001", "lambda-0", "lambda-1"]
     with pytest.raises(TimberConfigError, match="repeated"):
         parse_lambdas("0.2,0.20")
+
+
+# --------------------------------------------------------------------------- valid recipes merge
+#
+# Recipes mergekit merges must merge with Timber too. Each runs mergekit's run_merge (the
+# seam in place, as mergekit-yaml runs it) and its output is compared, tensor for tensor,
+# with the same pair merged by the plain recipe.
+
+
+def merge(config, out, *, source=True):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    from helpers import load_dir
+
+    text = yaml.safe_dump(config) if source else None
+    run_merge(MergeConfiguration.model_validate(config), str(out), options=MergeOptions(quiet=True), config_source=text)
+    return load_dir(out)
+
+
+def same_tensors(got, want, names=None):
+    names = sorted(want) if names is None else names
+    assert set(names) <= set(got), sorted(set(names) - set(got))
+    for name in names:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.fixture(scope="module")
+def reference(pair, tmp_path_factory):
+    return merge(cfg(*pair), tmp_path_factory.mktemp("reference") / "out")
+
+
+def test_other_methods_parameters_are_ignored_with_a_warning(pair, reference, tmp_path, caplog):
+    """mergekit resolves only a method's own parameters: weight & co. do not change a Timber merge."""
+    base, instruct = pair
+    config = cfg(base, instruct, normalize=True, int8_mask=True, **{"lambda": 0.2})
+    config["models"][0]["parameters"] = {"weight": 1.0, "density": 0.5}
+    with caplog.at_level("WARNING", logger="mergekit_timber.preflight"):
+        got = merge(config, tmp_path / "out")
+    same_tensors(got, reference)
+    warned = [r.getMessage() for r in caplog.records if "timber ignores it" in r.getMessage()]
+    assert len(warned) == 4, warned  # one per parameter, naming where and whose it is
+    assert any("'weight' (in models[0]" in w and "a parameter of" in w and "linear" in w for w in warned), warned
+
+
+def test_other_methods_parameter_through_mergekit_yaml(pair, tmp_path):
+    base, instruct = pair
+    path = write_yaml(tmp_path / "c.yml", cfg(base, instruct, density=0.5))
+    proc = run_cli("mergekit-yaml", path, tmp_path / "out")
+    assert "parameter 'density' (in parameters) is a parameter of" in proc.stderr and "timber ignores it" in proc.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("key,closest", [("wieght", "weight"), ("lamda", "lambda"), ("desnity", "density")])
+def test_a_name_no_method_knows_is_still_an_error(pair, key, closest):
+    refuse(cfg(*pair, **{key: 0.5}), f"unknown parameter {key!r}", f"did you mean {closest!r}?",
+           "no merge method has a parameter of that name")
+
+
+def test_tensor_the_merge_never_reads_may_differ(pair, reference, tmp_path):
+    extra = copy_model(pair[1], tmp_path / "extra", edit=lambda w: w.update({"model.unused_buffer": torch.ones(3)}))
+    same_tensors(merge(cfg(pair[0], extra), tmp_path / "out"), reference)
+
+
+def test_mixed_dtypes_warn_and_merge_as_mergekit_aligns_them(pair, tmp_path, caplog):
+    def to_half(weights):
+        for name in weights:
+            weights[name] = weights[name].to(torch.float16)
+
+    half = copy_model(pair[1], tmp_path / "half", edit=to_half)
+    with caplog.at_level("WARNING", logger="mergekit_timber.preflight"):
+        got = merge(cfg(pair[0], half), tmp_path / "out")
+    line = " ".join(r.getMessage() for r in caplog.records)
+    assert "dtype BF16 in the base model" in line and "F16 in the instruct model" in line
+    assert "mergekit promotes both to float32" in line and "set dtype:" in line
+    # mergekit promotes bf16 + f16 to float32: the same as asking for float32 inputs.
+    same_tensors(got, merge(dict(cfg(pair[0], half), dtype="float32"), tmp_path / "f32"))
+    assert got[Q].dtype == torch.float32
+
+
+def test_slices_with_their_own_base_model(pair, reference, tmp_path):
+    base, instruct = pair
+    sources = [{"model": str(m), "layer_range": [0, 1]} for m in (base, instruct)]
+    config = {"merge_method": "timber", "slices": [{"sources": sources, "base_model": str(base)}]}
+    got = merge(config, tmp_path / "out")
+    same_tensors(got, reference)
+    assert set(got) == set(reference)
+    from helpers import config_of
+
+    assert config_of(tmp_path / "out")["eos_token_id"] == config_of(instruct)["eos_token_id"]  # the drop-in
+
+
+def test_slices_with_different_base_models_stop(pair, tmp_path):
+    other = copy_model(pair[0], tmp_path / "other")
+    base, instruct = pair
+    slices = [
+        {"sources": [{"model": str(b), "layer_range": [0, 1]}, {"model": str(instruct), "layer_range": [0, 1]}],
+         "base_model": str(b)}
+        for b in (base, other)
+    ]
+    refuse({"merge_method": "timber", "slices": slices}, "the slices name different base models")
+
+
+# --------------------------------------------------------------------------- ties as transformers reads them
+
+
+def write_gemma2_pair(root):
+    """A tiny Gemma-2 pair (transformers ties its embeddings by default), no tokenizer."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = Gemma2ForCausalLM(config).to(torch.bfloat16)
+    dirs = []
+    for role, noise in (("base", 0.0), ("instruct", 0.02)):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn_like(p))
+        model.save_pretrained(root / role)
+        dirs.append(root / role)
+    return dirs
+
+
+def test_redundant_lm_head_with_tie_default_merges(tmp_path):
+    """The Base stores lm_head as well, its config leaves tie_word_embeddings out: transformers
+    ties it (Gemma-2's default), as in the Instruct, so the pair is consistent."""
+    base, instruct = write_gemma2_pair(tmp_path / "pair")
+    reference = merge(cfg(base, instruct), tmp_path / "reference")
+    redundant = copy_model(
+        base, tmp_path / "redundant",
+        edit=lambda w: w.update({"lm_head.weight": w["model.embed_tokens.weight"].clone()}),
+    )
+    for model in (redundant, instruct):
+        config = json.loads((model / "config.json").read_text())
+        config.pop("tie_word_embeddings", None)
+        (model / "config.json").write_text(json.dumps(config))
+    got = merge(cfg(redundant, instruct), tmp_path / "out")
+    same_tensors(got, reference)
+    assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize(
+    "config,tied",
+    [
+        ({"model_type": "llama"}, False),  # LlamaConfig's default
+        ({"model_type": "gemma2"}, True),  # Gemma2Config's default
+        ({"model_type": "llama", "tie_word_embeddings": True}, True),
+        ({"model_type": "qwen2_5_vl", "text_config": {"tie_word_embeddings": True}}, True),  # forwarded
+        ({"model_type": "qwen2_5_vl"}, False),
+    ],
+)
+def test_tie_is_read_as_transformers_reads_it(tmp_path, config, tied):
+    from mergekit.common import ModelReference
+    from mergekit.options import MergeOptions
+
+    from mergekit_timber.preflight import ties_embeddings
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert ties_embeddings(ModelReference.model_validate(str(tmp_path)), MergeOptions(), config) is tied
