@@ -36,7 +36,7 @@ from typing import Iterable, List, Optional
 
 import mergekit.merge as _merge
 
-from mergekit_timber import finite, preflight
+from mergekit_timber import finite, preflight, quantized
 from mergekit_timber.checkpoint import looks_like_hub_id
 from mergekit_timber.errors import (
     TimberOutputError,
@@ -152,9 +152,10 @@ def _seam(name: str):
 
 @_seam("_model_out_config")
 def _model_out_config(config, arch_info, trust_remote_code=False):
-    if is_timber(config):
-        config = _with_instruct_as_donor(config)
-    return _original("_model_out_config")(config, arch_info, trust_remote_code=trust_remote_code)
+    if not is_timber(config):
+        return _original("_model_out_config")(config, arch_info, trust_remote_code=trust_remote_code)
+    out = _original("_model_out_config")(_with_instruct_as_donor(config), arch_info, trust_remote_code=trust_remote_code)
+    return quantized.dequantized_config(out, config)  # issue 20: no quantization_config in the output
 
 
 @_seam("_get_donor_model")
@@ -216,7 +217,8 @@ def write_merge(
         inner_config = inner_config.model_copy(update={"merge_method": run_as})
     inner_options = options.model_copy(update={"copy_tokenizer": False, "write_model_card": False})
     try:
-        _original("run_merge")(inner_config, str(stage), options=inner_options)
+        with quantized.dequantized_reading(config, options):  # issue 20: block-FP8 inputs read dequantized
+            _original("run_merge")(inner_config, str(stage), options=inner_options)
     except OSError as error:
         raise TimberOutputError(f"writing the merged model failed: {_reason(error)}") from error
     finite.check_written(stage)
