@@ -143,7 +143,7 @@ def detect(checkpoint: Checkpoint, config: Optional[Mapping[str, Any]] = None) -
         for n in names
         if n.endswith(MXFP4_BLOCKS) and dtypes[n] == "U8" and n[: -len(MXFP4_BLOCKS)] + MXFP4_SCALES in present
     }
-    companion = next(((n, what) for n in names for end, what in COMPANIONS if n.endswith(end)), None)
+    companion = next(((n, what) for end, what in COMPANIONS for n in names if n.endswith(end)), None)
 
     if qc is not None:
         method, name = _method(qc)
@@ -309,7 +309,8 @@ def check_inputs(merge_config, dirs: Mapping[Any, Optional[Path]], checkpoints: 
     with each block-FP8 model as the merge will read it (see DequantizedView).
     """
     views = dict(checkpoints)
-    for ref, (label, checkpoint) in checkpoints.items():
+    base_first = sorted(checkpoints.items(), key=lambda item: item[0] != merge_config.base_model)
+    for ref, (label, checkpoint) in base_first:
         directory = dirs.get(ref)
         if checkpoint is None:  # pickled weights: only the config can tell
             qc = quantization_config(_read_config(directory)) if directory else None

@@ -104,29 +104,33 @@ def quantize_mxfp4(weight: torch.Tensor):
     return blocks.contiguous(), (exponent + 127).to(torch.uint8)
 
 
-def write_mxfp4(dst: Path, *, seed: int, experts=2, hidden=64, intermediate=64, config: bool = True) -> Path:
-    """A gpt-oss-like checkpoint: attention in bf16, experts in MXFP4 as gpt-oss ships them."""
-    g = torch.Generator().manual_seed(seed)
+def write_mxfp4(dst: Path, *, seed: int, config: bool = True) -> Path:
+    """A tiny gpt-oss checkpoint as gpt-oss ships: experts in MXFP4, everything else bf16.
+
+    transformers holds gate_up_proj as (E, H, 2I) and down_proj as (E, I, H); the checkpoint
+    stores each transposed, in blocks of 32 values: (E, out, in / 32, 16) uint8 + (E, out, in / 32)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
     dst.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "model.embed_tokens.weight": torch.randn(128, hidden, generator=g).to(torch.bfloat16),
-        "model.layers.0.self_attn.q_proj.weight": torch.randn(hidden, hidden, generator=g).to(torch.bfloat16),
-        "model.layers.0.mlp.router.weight": torch.randn(experts, hidden, generator=g).to(torch.bfloat16),
-        "model.layers.0.mlp.experts.gate_up_proj_bias": torch.randn(experts, 2 * intermediate, generator=g).to(
-            torch.bfloat16
-        ),
-        "model.layers.0.mlp.experts.down_proj_bias": torch.randn(experts, hidden, generator=g).to(torch.bfloat16),
-    }
-    # Stored as (E, out, in/32, 16): gate_up_proj_blocks (E, 2I, H/32, 16), down_proj_blocks (E, H, I/32, 16).
-    for proj, (rows, cols) in {"gate_up_proj": (2 * intermediate, hidden), "down_proj": (hidden, intermediate)}.items():
-        blocks, scales = quantize_mxfp4(torch.randn(experts, rows, cols, generator=g) * 0.05)
-        tensors[f"model.layers.0.mlp.experts.{proj}_blocks"] = blocks
-        tensors[f"model.layers.0.mlp.experts.{proj}_scales"] = scales
+    cfg = GptOssConfig(
+        num_hidden_layers=1, hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, num_local_experts=2, num_experts_per_tok=1, vocab_size=128, layer_types=["full_attention"],
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(cfg).to(torch.bfloat16)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = quantize_mxfp4(t.transpose(1, 2) + 0.05 * torch.randn(t.transpose(1, 2).shape))
+            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        else:
+            tensors[name] = t.contiguous()
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    cfg = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "torch_dtype": "bfloat16"}
+    config_dict = cfg.to_dict()
     if config:
-        cfg["quantization_config"] = {"modules_to_not_convert": ["model.layers.*.self_attn"], "quant_method": "mxfp4"}
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+        config_dict["quantization_config"] = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
+    (dst / "config.json").write_text(json.dumps(config_dict, indent=2))
     return dst
 
 
