@@ -163,11 +163,11 @@ def detect(checkpoint: Checkpoint, config: Optional[Mapping[str, Any]] = None) -
         return Quantization(companion[1], f"tensor {companion[0]}")
     if float8:
         return Quantization(
-            "FP8 without quantization_config", f"tensor {float8[0]} is {dtypes[float8[0]]}"
+            "FP8 (no quantization_config)", f"tensor {float8[0]} is {dtypes[float8[0]]}"
         )
     scales = [n for n in names if n.endswith(FP8_SCALE)]
     if scales:
-        return Quantization("FP8 scales without quantization_config", f"tensor {scales[0]}")
+        return Quantization("FP8 scales (no quantization_config)", f"tensor {scales[0]}")
     return None
 
 
@@ -210,15 +210,15 @@ def scale_grid(shape, block: Tuple[int, int]) -> Tuple[int, ...]:
 
 def refusal(quant: Quantization, label: str, directory: Path) -> TimberInputError:
     """The one line that stops a merge of a model Timber cannot read exactly."""
-    head = f"{label} is a {quant.format} checkpoint ({quant.evidence}): Timber cannot merge {quant.format} weights exactly"
+    head = f"{label} holds {quant.format} weights ({quant.evidence}), which Timber cannot merge exactly"
     if quant.dequantizable:
         return TimberInputError(
             f"{head}; dequantize it first: `mergekit-timber dequantize {directory} {directory}-bf16`, "
             "then merge the bf16 directory"
         )
     return TimberInputError(
-        f"{head} and mergekit-timber has no plain dequantization for it; merge the unquantized model it "
-        "was made from (or dequantize it with the tool that made it and save it in bf16)"
+        f"{head} and mergekit-timber cannot dequantize; merge the unquantized model it was made from, "
+        "or dequantize it with the tool that made it and save it in bf16"
     )
 
 
@@ -544,8 +544,8 @@ def dequantize_checkpoint(source: Path, target: Path, dtype: str = DEFAULT_DTYPE
             raise TimberInputError(f"{label} is not quantized (no quantization_config, no FP8 or packed tensors): nothing to dequantize")
         if not quant.dequantizable:
             raise TimberInputError(
-                f"{label} is a {quant.format} checkpoint ({quant.evidence}): mergekit-timber has no plain "
-                "dequantization for it; use the unquantized model it was made from (or the tool that made it)"
+                f"{label} holds {quant.format} weights ({quant.evidence}), which mergekit-timber cannot "
+                "dequantize; use the unquantized model it was made from, or the tool that made it"
             )
         torch_dtype = getattr(torch, dtype)
         shards = _entries(checkpoint, quant, torch_dtype)

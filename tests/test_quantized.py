@@ -10,7 +10,7 @@ import torch
 from helpers import base_config, config_of, load_dir, run_cli, write_yaml
 from mergekit_timber.quantized import dequantize_block_fp8, dequantize_mxfp4
 from mergekit_timber.testing.synthetic import write_pair
-from quantized_pairs import (
+from mergekit_timber.testing.quantized_pairs import (
     quantize_block_fp8,
     quantize_mxfp4,
     reference_fp8,
@@ -194,8 +194,8 @@ def _pairs(tmp_path, kind):
     [
         ("mxfp4", ["MXFP4", "quant_method: mxfp4", "mergekit-timber dequantize"]),
         ("mxfp4-no-config", ["MXFP4", "_blocks", "mergekit-timber dequantize"]),
-        ("gptq", ["GPTQ (4-bit)", "quant_method: gptq", "no plain dequantization", "unquantized model"]),
-        ("gptq-no-config", ["GPTQ/AWQ", "qweight", "no plain dequantization"]),
+        ("gptq", ["GPTQ (4-bit)", "quant_method: gptq", "cannot dequantize", "unquantized model"]),
+        ("gptq-no-config", ["GPTQ/AWQ", "qweight", "cannot dequantize"]),
     ],
 )
 def test_other_formats_stop_in_one_line_with_no_output(tmp_path, kind, words):
@@ -218,7 +218,7 @@ def test_float8_without_config_stops(fp8_pair, tmp_path):
     del config["quantization_config"]
     (stripped / "config.json").write_text(json.dumps(config))
     line = refused_here(tmp_path, fp8_pair[0], stripped)
-    assert "FP8 without quantization_config" in line and str(stripped) in line and "F8_E4M3" in line
+    assert "FP8 (no quantization_config)" in line and str(stripped) in line and "F8_E4M3" in line
 
 
 # ----------------------------------------------------------------------------- dequantize

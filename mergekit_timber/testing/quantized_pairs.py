@@ -1,4 +1,4 @@
-"""Small quantized checkpoints written the way the published ones are (test helpers).
+"""Small quantized checkpoints written the way the published ones are (tests, benchmark).
 
 - block-FP8 (DeepSeek-V3 / Kimi-K2): each decoder linear `weight` as float8_e4m3fn with a
   float32 `weight_scale_inv` of 128x128 blocks (edge blocks partial), amax / 448 per block,
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from helpers import load_dir
+from mergekit_timber.checkpoint import Checkpoint
 
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 FP8_MAX = 448.0
@@ -56,7 +56,8 @@ def write_block_fp8(src: Path, dst: Path, *, scales_apart: bool = True) -> Path:
     With `scales_apart`, the scales of one weight live in the other shard (allowed by the
     index; readers must not assume a scale sits beside its weight)."""
     dst.mkdir(parents=True, exist_ok=True)
-    tensors = load_dir(src)
+    with Checkpoint(src, "model") as checkpoint:
+        tensors = {name: checkpoint.tensor(name) for name in checkpoint.names()}
     shard1, shard2 = {}, {}
     names = sorted(tensors)
     for k, name in enumerate(names):
