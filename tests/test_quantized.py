@@ -275,3 +275,25 @@ def test_dequantize_refuses_in_one_line(tmp_path, kind):
     assert str(source) in line
     assert ("GPTQ (4-bit)" in line) if kind == "gptq" else ("not quantized" in line)
     assert not out.exists()
+
+
+def test_sweep_of_an_fp8_pair(fp8_pair, dequantized_pair, tmp_path):
+    from mergekit.options import MergeOptions
+
+    from mergekit_timber.sweep import run_sweep
+
+    cfg = write_yaml(tmp_path / "sweep.yml", base_config(*fp8_pair))
+    outs = run_sweep(cfg, tmp_path / "sweep", [0.2, 0.5], MergeOptions(quiet=True))
+    for lam, out in zip((0.2, 0.5), outs):
+        want = load_dir(merge_here(tmp_path, *dequantized_pair, name=f"ref-{lam}", parameters={"lambda": lam}))
+        got = load_dir(out)
+        assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want), lam
+        assert "quantization_config" not in config_of(out)
+
+
+def test_dequantizing_loaders_live_only_for_their_merge(fp8_pair, tmp_path):
+    """The seam's loaders leave mergekit's loader cache with the merge that put them there."""
+    from mergekit.io.tasks import LoaderCache
+
+    merge_here(tmp_path, *fp8_pair)
+    assert not [m for m, loader in LoaderCache().loaders.items() if type(loader).__name__ == "DequantizingLoader"]
