@@ -185,7 +185,8 @@ def _block_fp8(checkpoint, names, dtypes, block, evidence) -> Quantization:
             continue
         scale = name + FP8_SCALE
         if dtypes[name] not in FP8_CODE_DTYPES:
-            raise TimberInputError(f"{where}: {name} is {dtypes[name]}; block-FP8 codes are {'/'.join(FP8_CODE_DTYPES)}")
+            codes = "/".join(FP8_CODE_DTYPES)
+            raise TimberInputError(f"{where}: {name} is {dtypes[name]}; block-FP8 codes are {codes}")
         if scale not in present:
             raise TimberInputError(f"{where}: block-FP8 weight {name} has no {scale} (its block scales)")
         shape, scale_shape = checkpoint.info(name)[0], checkpoint.info(scale)[0]
@@ -196,7 +197,8 @@ def _block_fp8(checkpoint, names, dtypes, block, evidence) -> Quantization:
                 f"{block[0]}x{block[1]} blocks needs {list(expected)}"
             )
         if dtypes[scale] not in FP8_SCALE_DTYPES:
-            raise TimberInputError(f"{where}: {scale} is {dtypes[scale]}; expected one of {', '.join(FP8_SCALE_DTYPES)}")
+            kinds = ", ".join(FP8_SCALE_DTYPES)
+            raise TimberInputError(f"{where}: {scale} is {dtypes[scale]}; expected one of {kinds}")
         companions[name] = scale
     dropped = tuple(n for n in names if n.endswith(FP8_DROPPED))
     return Quantization(BLOCK_FP8, evidence, block=block, companions=companions, dropped=dropped)
@@ -315,7 +317,8 @@ def check_inputs(merge_config, dirs: Mapping[Any, Optional[Path]], checkpoints: 
         if checkpoint is None:  # pickled weights: only the config can tell
             qc = quantization_config(_read_config(directory)) if directory else None
             if qc is not None:
-                raise refusal(Quantization(_method(qc)[1], f"quantization_config.quant_method: {_method(qc)[0]}"), label, directory)
+                method, name = _method(qc)
+                raise refusal(Quantization(name, f"quantization_config.quant_method: {method}"), label, directory)
             continue
         quant = detect(checkpoint)
         if quant is None:
@@ -396,7 +399,7 @@ def dequantized_reading(merge_config, options) -> Iterator[None]:
     from mergekit.io.tasks import LoaderCache
 
     dtype = getattr(torch, read_dtype(merge_config))
-    loaders = LoaderCache().loaders
+    loaders = getattr(LoaderCache, "loaders", None)
     ours = {}
     try:
         for ref in merge_config.referenced_models():
@@ -409,6 +412,8 @@ def dequantized_reading(merge_config, options) -> Iterator[None]:
                 continue
             if not quant.mergeable or ref.lora is not None:
                 raise refusal(quant, f"model {ref}" + (" (with a LoRA)" if ref.lora else ""), directory)
+            if not isinstance(loaders, dict):  # the mergekit internal this relies on (0.1.5)
+                raise ImportError("mergekit-timber: mergekit.io.tasks.LoaderCache has no class-level `loaders` dict")
             inner = ref.merged(
                 cache_dir=options.lora_merge_cache,
                 trust_remote_code=options.trust_remote_code,
@@ -502,7 +507,8 @@ def _write_shard(path: Path, entries: List[_Entry]) -> None:
     header: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for entry in entries:
-        header[entry.name] = {"dtype": entry.tag, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes()]}
+        end = offset + entry.nbytes()
+        header[entry.name] = {"dtype": entry.tag, "shape": list(entry.shape), "data_offsets": [offset, end]}
         offset += entry.nbytes()
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
@@ -511,13 +517,17 @@ def _write_shard(path: Path, entries: List[_Entry]) -> None:
         for entry in entries:
             tensor = entry.make()
             if tuple(tensor.shape) != entry.shape or tensor.element_size() * tensor.numel() != entry.nbytes():
-                raise TimberInputError(f"{entry.name}: produced {list(tensor.shape)} {tensor.dtype}, expected {list(entry.shape)} {entry.tag}")
+                raise TimberInputError(
+                    f"{entry.name}: produced {list(tensor.shape)} {tensor.dtype}, expected {list(entry.shape)} {entry.tag}"
+                )
             flat = tensor.contiguous().reshape(-1).view(torch.uint8)
             fh.write(memoryview(flat.numpy()))
             input_pages.release(tensor)  # a copied input tensor is a view of its shard
 
 
-def dequantize_checkpoint(source: Path, target: Path, dtype: str = DEFAULT_DTYPE, *, replace: Optional[bool] = None) -> Quantization:
+def dequantize_checkpoint(
+    source: Path, target: Path, dtype: str = DEFAULT_DTYPE, *, replace: Optional[bool] = None
+) -> Quantization:
     """Write the block-FP8 or MXFP4 checkpoint `source` as an ordinary `dtype` checkpoint at `target`.
 
     Shard by shard (same shard names), tensor by tensor: memory holds one output tensor
@@ -541,7 +551,9 @@ def dequantize_checkpoint(source: Path, target: Path, dtype: str = DEFAULT_DTYPE
         quant = detect(checkpoint)
         label = f"input model ({source})"
         if quant is None:
-            raise TimberInputError(f"{label} is not quantized (no quantization_config, no FP8 or packed tensors): nothing to dequantize")
+            raise TimberInputError(
+                f"{label} is not quantized (no quantization_config, no FP8 or packed tensors): nothing to dequantize"
+            )
         if not quant.dequantizable:
             raise TimberInputError(
                 f"{label} holds {quant.format} weights ({quant.evidence}), which mergekit-timber cannot "

@@ -154,7 +154,8 @@ def _seam(name: str):
 def _model_out_config(config, arch_info, trust_remote_code=False):
     if not is_timber(config):
         return _original("_model_out_config")(config, arch_info, trust_remote_code=trust_remote_code)
-    out = _original("_model_out_config")(_with_instruct_as_donor(config), arch_info, trust_remote_code=trust_remote_code)
+    donor = _with_instruct_as_donor(config)
+    out = _original("_model_out_config")(donor, arch_info, trust_remote_code=trust_remote_code)
     return quantized.dequantized_config(out, config)  # issue 20: no quantization_config in the output
 
 

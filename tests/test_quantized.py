@@ -297,3 +297,13 @@ def test_dequantizing_loaders_live_only_for_their_merge(fp8_pair, tmp_path):
 
     merge_here(tmp_path, *fp8_pair)
     assert not [m for m, loader in LoaderCache().loaders.items() if type(loader).__name__ == "DequantizingLoader"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_fp8_pair_on_the_device(fp8_pair, dequantized_pair, tmp_path):
+    """--cuda: the FP8 pair is dequantized on the host as it is read, refined on the device."""
+    cfg = write_yaml(tmp_path / "cuda.yml", base_config(*fp8_pair))
+    run_cli("mergekit-yaml", cfg, tmp_path / "device", "--cuda")
+    deq_base, deq_instruct = load_dir(dequantized_pair[0]), load_dir(dequantized_pair[1])
+    assert_matches(tmp_path / "device", expected(deq_base, deq_instruct, lambda name: 0.2))
+    assert "quantization_config" not in config_of(tmp_path / "device")

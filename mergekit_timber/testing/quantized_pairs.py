@@ -130,7 +130,8 @@ def write_mxfp4(dst: Path, *, seed: int, config: bool = True) -> Path:
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     config_dict = cfg.to_dict()
     if config:
-        config_dict["quantization_config"] = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
+        kept = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+        config_dict["quantization_config"] = {"modules_to_not_convert": kept, "quant_method": "mxfp4"}
     (dst / "config.json").write_text(json.dumps(config_dict, indent=2))
     return dst
 
