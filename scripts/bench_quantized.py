@@ -77,6 +77,8 @@ def main() -> int:
     ]
     for job in jobs[2:] + jobs[:1]:
         lines.append(f"| {job['label']} | {job['wall']:.1f} | {(job['maxrss_kb'] or 0) / 1024:.0f} |")
+    fp8_rss, bf16_rss = (job["maxrss_kb"] or 0 for job in jobs[2:4])
+    lines += ["", f"Peak RSS of the FP8 merge / the bf16 merge: {fp8_rss / max(bf16_rss, 1):.2f}."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
