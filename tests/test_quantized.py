@@ -307,3 +307,15 @@ def test_fp8_pair_on_the_device(fp8_pair, dequantized_pair, tmp_path):
     deq_base, deq_instruct = load_dir(dequantized_pair[0]), load_dir(dequantized_pair[1])
     assert_matches(tmp_path / "device", expected(deq_base, deq_instruct, lambda name: 0.2))
     assert "quantization_config" not in config_of(tmp_path / "device")
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float8_e8m0fnu])
+def test_block_fp8_rule_with_other_scale_dtypes(scale_dtype):
+    """bf16 scales, and the power-of-two (UE8M0) scales of DeepSeek-V3.1-style checkpoints."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    code, scale = quantize_block_fp8(torch.randn(200, 300, generator=torch.Generator().manual_seed(4)))
+    scale = scale.to(scale_dtype)
+    want = reference_fp8(code, scale.to(torch.float32))
+    assert torch.equal(dequantize_block_fp8(code, scale, (128, 128), torch.float32), want)
+    assert torch.equal(_dequantize_fp8_weight(code, scale, [128, 128], torch.float32), want)
