@@ -77,9 +77,13 @@ def _wrappers() -> Dict[str, Callable]:
 
     @_wrapper("mergekit.merge._model_out_config")
     def _model_out_config(config, arch_info, trust_remote_code=False):
-        if _names_timber(config):
-            config = seam.with_instruct_as_donor(config)
-        return original("mergekit.merge._model_out_config")(config, arch_info, trust_remote_code=trust_remote_code)
+        if not _names_timber(config):
+            return original("mergekit.merge._model_out_config")(config, arch_info, trust_remote_code=trust_remote_code)
+        donor = seam.with_instruct_as_donor(config)
+        out = original("mergekit.merge._model_out_config")(donor, arch_info, trust_remote_code=trust_remote_code)
+        from mergekit_timber import quantized
+
+        return quantized.dequantized_config(out, config)  # a block-FP8 Instruct's output is bf16
 
     @_wrapper("mergekit.merge._get_donor_model")
     def _get_donor_model(merge_config, options):

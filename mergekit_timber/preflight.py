@@ -35,6 +35,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from mergekit_timber import quantized
 from mergekit_timber.errors import TimberConfigError, TimberError, TimberInputError, add_explainer
 from mergekit_timber.guard import TIMBER_METHODS
 from mergekit_timber.recipe import base_model
@@ -486,6 +487,7 @@ def check(merge_config, options, source: Optional[str] = None) -> None:
             if directory is not None:
                 role = roles.get(ref, "model")
                 checkpoints[ref] = (f"{role} ({directory})", _open(directory, role))
+        checkpoints = quantized.check_inputs(merge_config, dirs, checkpoints)  # issue 20: refuse or view quantized
         if pair and all(checkpoints.get(ref, (None, None))[1] is not None for ref in pair):
             _check_pair(merge_config, options, checkpoints[pair[0]], checkpoints[pair[1]], refs=pair)
     finally:

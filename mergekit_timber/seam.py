@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from mergekit_timber import finite, guard, preflight
+from mergekit_timber import finite, guard, preflight, quantized
 from mergekit_timber.card import has_tokenizer, mergekit_makes_tokenizer, model_card
 from mergekit_timber.errors import TimberOutputError
 from mergekit_timber.output_dir import OutputDir, hold_config
@@ -80,7 +80,8 @@ def write_merge(
         inner_config = inner_config.model_copy(update={"merge_method": run_as})
     inner_options = options.model_copy(update={"copy_tokenizer": False, "write_model_card": False})
     try:
-        guard.lookup("mergekit.merge.run_merge")(inner_config, str(stage), options=inner_options)
+        with quantized.dequantized_reading(config, options):  # block-FP8 inputs read dequantized
+            guard.lookup("mergekit.merge.run_merge")(inner_config, str(stage), options=inner_options)
     except OSError as error:
         raise TimberOutputError(f"writing the merged model failed: {_reason(error)}") from error
     finite.check_written(stage)

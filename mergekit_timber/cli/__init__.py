@@ -18,6 +18,10 @@ COMMANDS = {
         "mergekit_timber.cli.sweep:sweep",
         "Timber at several lambdas with one decomposition per tensor.",
     ),
+    "dequantize": (
+        "mergekit_timber.cli.dequantize:dequantize",
+        "Write a block-FP8 or MXFP4 checkpoint as bf16 (shard by shard), for merging.",
+    ),
     "passk": (
         "mergekit_timber.cli.passk:passk",
         "Pass@k curves with bootstrap intervals from per-sample records.",

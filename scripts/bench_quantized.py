@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Peak memory of block-FP8 inputs: a Timber merge of an FP8 pair against the same merge of
+its dequantized bf16 pair, and `mergekit-timber dequantize` of one model.
+
+    python scripts/bench_quantized.py [--layers 4] [--workdir DIR] [--out docs/bench_quantized.md]
+
+The pair is Qwen3-0.6B-shaped (hidden 1024, intermediate 3072, 16/8 heads of 128; vocab
+8192 to keep it small), written in block-FP8 as DeepSeek-V3 is (128x128 blocks,
+mergekit_timber.testing.quantized_pairs). Each job runs in its own process under
+/usr/bin/time -v (scripts/benchmark.py: measure). Writes a markdown table to --out and
+checks that the two merges wrote the same tensors, bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmark import measure  # scripts/ is on sys.path when this file runs
+from mergekit_timber.checkpoint import Checkpoint
+from mergekit_timber.testing.quantized_pairs import write_block_fp8
+from mergekit_timber.testing.synthetic import write_pair, write_timber_yaml
+
+BIN = Path(sys.executable).parent
+
+
+def model_mb(directory: Path) -> float:
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 2**20
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    with Checkpoint(a, "a") as x, Checkpoint(b, "b") as y:
+        return sorted(x.names()) == sorted(y.names()) and all(torch.equal(x.tensor(n), y.tensor(n)) for n in x.names())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergekit-timber-bench-quantized"))
+    parser.add_argument("--out", type=Path, default=Path("docs/bench_quantized.md"))
+    args = parser.parse_args()
+    work = args.workdir
+    shutil.rmtree(work, ignore_errors=True)
+    pairs = work / "pairs"
+    base, instruct = write_pair(
+        pairs / "bf16", arch="qwen3", layers=args.layers, hidden=1024, intermediate=3072, heads=16,
+        kv_heads=8, head_dim=128, vocab=8192, seed=0,
+    )  # fmt: skip
+    fp8 = [write_block_fp8(m, pairs / "fp8" / m.name) for m in (base, instruct)]
+    shutil.rmtree(pairs / "bf16")  # the reference pair is the dequantized one
+    deq = pairs / "deq"
+    jobs = []
+    for model in fp8:
+        jobs.append(measure([str(BIN / "mergekit-timber"), "dequantize", str(model), str(deq / model.name)],
+                            f"dequantize {model.name}", work))  # fmt: skip
+    outs = {}
+    for label, pair in (("FP8 pair", fp8), ("dequantized bf16 pair", [deq / "base", deq / "instruct"])):
+        cfg = write_timber_yaml(work / f"{label.split()[0]}.yml", pair[0], pair[1])
+        outs[label] = work / "out" / label.split()[0]
+        cmd = [str(BIN / "mergekit-yaml"), str(cfg), str(outs[label]), "--out-shard-size", "250M"]
+        jobs.append(measure(cmd, f"mergekit-yaml timber, {label}", work))
+    if any(job["rc"] for job in jobs):
+        print("a job failed; see the logs under", work / "logs")
+        return 1
+    same = same_tensors(*outs.values())
+    lines = [
+        f"Qwen3-0.6B-shaped pair, {args.layers} layers, vocab 8192: one FP8 model "
+        f"{model_mb(fp8[1]):.0f} MB, dequantized {model_mb(deq / 'instruct'):.0f} MB, merged output "
+        f"{model_mb(outs['FP8 pair']):.0f} MB; the two merges wrote identical tensors: {'yes' if same else 'NO'}.",
+        "",
+        "| job | wall s | peak RSS MB |",
+        "|---|---|---|",
+    ]
+    for job in jobs[2:] + jobs[:1]:
+        lines.append(f"| {job['label']} | {job['wall']:.1f} | {(job['maxrss_kb'] or 0) / 1024:.0f} |")
+    fp8_rss, bf16_rss = (job["maxrss_kb"] or 0 for job in jobs[2:4])
+    lines += ["", f"Peak RSS of the FP8 merge / the bf16 merge: {fp8_rss / max(bf16_rss, 1):.2f}."]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
