@@ -10,10 +10,12 @@ before `mergekit-yaml` and `mergekit-multi` bind `run_merge`, and it replaces th
 functions of that module with wrappers that hand every non-Timber merge to the original
 with the same arguments:
 
-- `run_merge`: a `timber`/`timber_l` merge runs preflight, checks the output directory,
-  merges into a staging directory (mergekit_timber.output_dir), copies the tokenizer and
-  the generation config from the Instruct model (a failure stops the merge), writes our
-  model card (no Hub queries for local paths) and publishes the directory at the end;
+- `run_merge`: a `timber`/`timber_l` merge checks the output folder, runs preflight,
+  merges into a staging folder inside the output (mergekit_timber.output_dir), copies
+  the tokenizer and the generation config from the Instruct model (a failure stops the
+  merge), writes our model card (no Hub queries for local paths; a failure there only
+  warns) and publishes the model at the end; SIGTERM/SIGHUP clean up like Ctrl-C
+  (mergekit_timber.signals);
 - `_model_out_config`: config.json is the Instruct model's, with mergekit's own edits
   (dtype, layer counts of slices, vocabulary size set by a `tokenizer:` step);
 - `_get_donor_model`: the tokenizer and tagalong files are copied from the Instruct model.
@@ -36,14 +38,14 @@ from typing import Iterable, List, Optional
 
 import mergekit.merge as _merge
 
-from mergekit_timber import finite, preflight
+from mergekit_timber import finite, preflight, signals
 from mergekit_timber.checkpoint import looks_like_hub_id
 from mergekit_timber.errors import (
     TimberOutputError,
     install_excepthook,
     running_cli,
 )
-from mergekit_timber.output_dir import OutputDir, hold_config
+from mergekit_timber.output_dir import OutputDir, describe, display, is_write_failure
 
 LOG = logging.getLogger(__name__)
 
@@ -174,35 +176,33 @@ def run_merge(merge_config, out_path, options, config_source=None):
 # --------------------------------------------------------------------------- Timber merges
 
 
-def prepare(
-    config, options, outs: Iterable, config_source: Optional[str] = None, *, replace: Optional[bool] = None
-) -> List[OutputDir]:
-    """Everything checked before the first tensor; the output directories, none touched."""
+def prepare(config, options, outs: Iterable, config_source: Optional[str] = None) -> List[OutputDir]:
+    """Everything checked before the first tensor; the output folders, none touched."""
+    inputs = [ref.model.path for ref in config.referenced_models() if os.path.isdir(ref.model.path)]
+    targets = [OutputDir(out, inputs=inputs) for out in outs]
+    for target in targets:
+        target.check()  # first: instant, and before preflight may fetch a model
     preflight.check(config, options, source=config_source)
     instruct_model(config)
-    inputs = [ref.model.path for ref in config.referenced_models() if os.path.isdir(ref.model.path)]
-    targets = [OutputDir(out, replace=replace, inputs=inputs) for out in outs]
-    for target in targets:
-        target.check()
     return targets
 
 
-def run_timber_merge(config, out_path, options, config_source=None, *, replace=None) -> None:
+def run_timber_merge(config, out_path, options, config_source=None) -> None:
     """mergekit's run_merge for a Timber merge: drop-in output, all or nothing."""
-    (target,) = prepare(config, options, [out_path], config_source, replace=replace)
-    stage = target.stage()
-    try:
-        write_merge(config, stage, options, config_source, name=target.name)
-        target.publish(stage)
-    finally:
-        if stage.exists():
-            OutputDir.discard(stage)
+    (target,) = prepare(config, options, [out_path], config_source)
+    with signals.terminate_as_exception():
+        try:
+            model_dir = target.open()
+            write_merge(config, model_dir, options, config_source, name=target.name)
+            target.publish()
+        finally:
+            target.discard()  # nothing left after a publish; the staging folder after a failure
 
 
 def write_merge(
     config, stage: Path, options, config_source: Optional[str], *, name: str, run_as: Optional[str] = None
 ) -> None:
-    """Run mergekit's merge into `stage`, then the Instruct files and the card; config held aside.
+    """Run mergekit's merge into `stage`, then the Instruct files and the card.
 
     `run_as` names the registered method mergekit runs (a sweep's own Timber instance);
     the card and mergekit_config.yml still describe `config`.
@@ -217,10 +217,11 @@ def write_merge(
     inner_options = options.model_copy(update={"copy_tokenizer": False, "write_model_card": False})
     try:
         _original("run_merge")(inner_config, str(stage), options=inner_options)
-    except OSError as error:
-        raise TimberOutputError(f"writing the merged model failed: {_reason(error)}") from error
+    except Exception as error:
+        if not is_write_failure(error):  # disk full is a SafetensorError, not an OSError
+            raise
+        raise TimberOutputError(f"writing the merged model into {display(stage)} failed: {_reason(error)}") from error
     finite.check_written(stage)
-    hold_config(stage)
 
     instruct, source = instruct_model(config).model.path, instruct_dir(config, options)
     if options.copy_tokenizer and not explicit_tokenizer and not has_tokenizer(source):
@@ -234,10 +235,22 @@ def write_merge(
             shutil.copyfile(generation, stage / "generation_config.json")
     if options.write_model_card:
         text = config_source or config.to_yaml()
-        with _step("writing the model card"):
-            card = model_card(config, text, name=name, options=options, instruct_dir=source)
-            (stage / "README.md").write_text(card, encoding="utf-8")
-            (stage / "mergekit_config.yml").write_text(text, encoding="utf-8")
+        write_card(stage, lambda: model_card(config, text, name=name, options=options, instruct_dir=source), text)
+
+
+def write_card(stage: Path, render, config_text: str) -> None:
+    """README.md and mergekit_config.yml; a failure here does not make the model wrong:
+    one warning, and the model is published without them."""
+    files = (stage / "README.md", stage / "mergekit_config.yml")
+    try:
+        files[0].write_text(render(), encoding="utf-8")
+        files[1].write_text(config_text, encoding="utf-8")
+    except Exception as error:  # noqa: BLE001 - cosmetic: never worth the finished merge
+        for item in files:
+            with contextlib.suppress(OSError):
+                item.unlink()
+        LOG.warning("writing the model card failed (%s); the model is published without README.md "
+                    "and mergekit_config.yml", _reason(error))
 
 
 @contextlib.contextmanager
@@ -252,11 +265,7 @@ def _step(what: str):
 
 
 def _reason(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        where = f": {error.filename}" if error.filename else ""
-        return f"{error.strerror}{where}"
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return describe(error)  # the output file for a failed write, shown where the user will look
 
 
 # --------------------------------------------------------------------------- the card
