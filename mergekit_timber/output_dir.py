@@ -94,28 +94,39 @@ def display(path) -> str:
     return re.sub(rf"/\.timber-staging-\d+-[0-9a-f]+/{_MODEL_SUBDIR}(?=/|$)", "", text)
 
 
-def describe(error: BaseException) -> str:
-    """The cause of an OS-level failure in one line (the file written, for a write error)."""
+def describe(error: BaseException, written: Optional[Path] = None) -> str:
+    """The cause of a failure in one line; for a failed write, the file written (not the
+    one read), or the full disk of `written`, the folder being written."""
     if isinstance(error, OSError) and error.strerror:
         name = error.filename2 if error.errno in _WRITE_ERRNOS and error.filename2 else error.filename
         return f"{error.strerror}: {display(name)}" if name else error.strerror
     text = str(error)
-    code = re.search(r"Os \{ code: (\d+)", text)  # safetensors' Rust io::Error
+    code = re.search(r"Os \{ code: (\d+)|\(os error (\d+)\)", text)  # safetensors' Rust io::Error
     if code:
-        return os.strerror(int(code.group(1)))
+        return os.strerror(int(code.group(1) or code.group(2)))
+    if written is not None and _torch_write_error(error) and _nearly_full(written):
+        return os.strerror(errno.ENOSPC)  # torch.save says only "unexpected pos ..."
     first = (text.strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def is_write_failure(error: BaseException) -> bool:
     """An error raised while writing files: OSError, safetensors' SafetensorError (not an
-    OSError), torch.save's RuntimeError."""
-    if isinstance(error, OSError):
-        return True
-    name = type(error).__name__
-    if name == "SafetensorError":
-        return True
-    return isinstance(error, RuntimeError) and "PytorchStreamWriter" in str(error)
+    OSError), torch.save's RuntimeError (--no-safe-serialization)."""
+    return isinstance(error, OSError) or type(error).__name__ == "SafetensorError" or _torch_write_error(error)
+
+
+def _torch_write_error(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text)
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < (16 << 20)
 
 
 class OutputDir:
@@ -150,14 +161,9 @@ class OutputDir:
 
     def check(self) -> None:
         """Refuse, in one line and touching nothing, what the merge could not publish."""
-        if self.path.exists() and not self.path.is_dir():
+        existing = _nearest_existing(self.path)
+        if existing == self.path and not existing.is_dir():
             raise TimberOutputError(f"output {self.label} exists and is not a directory")
-        for model in self.inputs:
-            if model.is_dir() and self.path.is_dir() and os.path.samefile(model, self.path):
-                raise TimberOutputError(f"output {self.label} is an input model's directory; choose another")
-        existing = self.path
-        while not existing.exists():
-            existing = existing.parent
         if not existing.is_dir():
             raise TimberOutputError(f"output {self.label}: {existing} is not a directory")
         name_max = _pathconf(existing, "PC_NAME_MAX", 255)
@@ -176,6 +182,9 @@ class OutputDir:
         if not os.access(existing, os.W_OK | os.X_OK):
             cause = "read-only file system" if _read_only(existing) else "permission denied"
             raise TimberOutputError(f"output {self.label}: cannot write into {existing}: {cause}")
+        for model in self.inputs:
+            if existing == self.path and model.is_dir() and os.path.samefile(model, self.path):
+                raise TimberOutputError(f"output {self.label} is an input model's directory; choose another")
 
     def open(self) -> Path:
         """Create the output folder if needed and a fresh staging folder inside it; remove
@@ -302,6 +311,18 @@ class OutputDir:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its closest existing ancestor (a name too long to exist counts as absent)."""
+    current = Path(path.anchor)
+    for part in path.parts[1:]:
+        try:
+            os.stat(current / part)
+        except OSError:  # absent, or a name the filesystem cannot hold (checked by the caller)
+            break
+        current = current / part
+    return current
 
 
 def _pathconf(path: Path, name: str, default: int) -> int:

@@ -220,7 +220,8 @@ def write_merge(
     except Exception as error:
         if not is_write_failure(error):  # disk full is a SafetensorError, not an OSError
             raise
-        raise TimberOutputError(f"writing the merged model into {display(stage)} failed: {_reason(error)}") from error
+        cause = describe(error, written=stage)
+        raise TimberOutputError(f"writing the merged model into {display(stage)} failed: {cause}") from error
     finite.check_written(stage)
 
     instruct, source = instruct_model(config).model.path, instruct_dir(config, options)

@@ -135,7 +135,7 @@ def run_sweep(config_path: Path, out_root: Path, lambdas: Sequence[float], optio
         try:
             _write_and_publish(targets, configs, texts, lambdas, options)
         finally:
-            for target in targets:
+            for target in reversed(targets):  # the last made folders first: parents empty last
                 target.discard()  # staging folders of a sweep that failed
     return outs
 
@@ -192,7 +192,7 @@ def _writing(stage: Path):
     except Exception as error:
         if not is_write_failure(error):
             raise
-        raise TimberOutputError(f"writing the merged model into {display(stage)} failed: {describe(error)}") from error
+        raise TimberOutputError(f"writing the merged model into {display(stage)} failed: {describe(error, written=stage)}") from error
 
 
 _SWEEP_IDS = itertools.count(1)
