@@ -39,6 +39,7 @@ import re
 import secrets
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Iterable, List, Optional, Set
 
@@ -239,6 +240,7 @@ class OutputDir:
         left halfway by a signal we handle.
         """
         new = self.model_dir
+        started = time.perf_counter()
         with signals.deferred(), _folder_lock(self.path):
             if not self.path.is_dir() or not self._staging.is_dir():
                 raise TimberOutputError(f"output {self.label} was removed while the merge ran")
@@ -260,9 +262,10 @@ class OutputDir:
                 raise TimberOutputError(
                     f"publishing the merged model in {self.label} failed: {describe(error)}"
                 ) from error
+        took = time.perf_counter() - started
         self._created.clear()  # the output is the user's model now
         self.discard()
-        LOG.info("published %d files in %s (by rename)", len(incoming), self.label)
+        LOG.info("published %d files in %s by rename in %.1f ms", len(incoming), self.label, took * 1000)
 
     def previous_model_files(self) -> Set[str]:
         """Names in the output folder that belong to a model output (see module doc)."""
