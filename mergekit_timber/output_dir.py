@@ -246,6 +246,11 @@ class OutputDir:
                 raise TimberOutputError(f"output {self.label} was removed while the merge ran")
             incoming = sorted(os.listdir(new))
             previous = self.previous_model_files()
+            for name in incoming + ["config.json"]:  # before the first rename: nothing changed yet
+                if name not in MODEL_FOLDERS and (self.path / name).is_dir() and not (self.path / name).is_symlink():
+                    raise TimberOutputError(
+                        f"output {self.label}: {name} there is a folder; the model's file of that name cannot replace it"
+                    )
             try:
                 self._take_away("config.json")  # first: the previous model stops loading
                 for name in incoming:
@@ -284,7 +289,7 @@ class OutputDir:
 
     def _take_away(self, name: str) -> None:
         item = self.path / name
-        if item.is_dir() and not item.is_symlink():
+        if item.is_dir() and not item.is_symlink():  # a MODEL_FOLDERS folder (publish checked)
             aside = self._staging / _REPLACED
             aside.mkdir(exist_ok=True)
             os.rename(item, aside / name)  # deleted with the staging folder
@@ -350,13 +355,18 @@ def _identity() -> str:
 
 
 def _hold_lock(path: Path) -> int:
-    """A lock file held (flock) until the staging folder is gone: the merge is alive."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    os.write(fd, (_identity() + "\n").encode())
+    """A lock file held (flock) until the staging folder is gone: the merge is alive.
+
+    Locked under a temporary name and then renamed, so no other merge ever finds the
+    lock file unlocked while its merge runs."""
+    pending = path.with_name(path.name + ".new")
+    fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        pass  # no locks on this filesystem: others judge by the identity written above
+        pass  # no locks on this filesystem: others judge by the identity written below
+    os.write(fd, (_identity() + "\n").encode())
+    os.rename(pending, path)
     return fd
 
 

@@ -525,3 +525,89 @@ def test_nohup_keeps_sighup_ignored():
     finally:
         signal.signal(signal.SIGHUP, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
+
+
+def test_publish_order_config_last(tmp_path, monkeypatch):
+    """The previous config.json goes first, the new weights come in before the previous
+    model's other files go, and config.json comes last: never a config beside mixed weights."""
+    from mergekit_timber import output_dir
+    from mergekit_timber.output_dir import OutputDir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "model.safetensors.index.json", "tokenizer.model", "notes.txt"):  # fmt: skip
+        (out / name).write_text("old " + name)
+    target = OutputDir(out)
+    staged = target.open()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (staged / name).write_text("new " + name)
+
+    steps = []
+
+    def record(op, real):
+        def call(*args, **kwargs):
+            if Path(args[-1]).parent == out:  # what happens in the output folder itself
+                steps.append((op, Path(args[-1]).name))
+            return real(*args, **kwargs)
+
+        return call
+
+    for op in ("replace", "unlink"):
+        monkeypatch.setattr(output_dir.os, op, record(op, getattr(os, op)))
+    target.publish()
+    monkeypatch.undo()
+
+    assert steps[0] == ("unlink", "config.json") and steps[-1] == ("replace", "config.json")
+    assert steps.index(("replace", "model.safetensors")) < min(
+        steps.index(("unlink", n)) for n in ("model-00001-of-00002.safetensors", "model.safetensors.index.json")
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "tokenizer.json"]
+    assert all((out / n).read_text() == "new " + n for n in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def test_publish_never_replaces_a_users_folder(tmp_path):
+    from mergekit_timber.errors import TimberOutputError
+    from mergekit_timber.output_dir import OutputDir
+
+    out = tmp_path / "out"
+    (out / "tokenizer.json").mkdir(parents=True)  # a folder of the user's under a model file's name
+    (out / "tokenizer.json" / "mine.txt").write_text("mine")
+    (out / "config.json").write_text("old")
+    target = OutputDir(out)
+    staged = target.open()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (staged / name).write_text("new")
+    with pytest.raises(TimberOutputError, match="tokenizer.json there is a folder"):
+        target.publish()
+    target.discard()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "tokenizer.json"]  # nothing changed
+    assert (out / "config.json").read_text() == "old"
+
+
+def test_which_staging_folders_are_leftovers(tmp_path, caplog):
+    """A staging folder is a leftover when no process holds its lock (or, before its lock
+    exists, when the pid in its name is gone); one line per folder removed."""
+    import fcntl
+
+    from mergekit_timber.output_dir import OutputDir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    held, free = out / ".timber-staging-1-aaaa", out / ".timber-staging-1-bbbb"
+    young, orphan = out / f".timber-staging-{os.getpid()}-cccc", out / f".timber-staging-{dead.pid}-dddd"
+    for folder in (held, free, young, orphan):
+        (folder / "model").mkdir(parents=True)
+    for folder in (held, free):
+        (folder / "lock").write_text("host 1 boot\n")
+    fd = os.open(held / "lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a running merge's lock (another open file: flock conflicts)
+    try:
+        with caplog.at_level("WARNING", logger="mergekit_timber.output_dir"):
+            OutputDir(out).remove_leftovers()
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in out.iterdir()) == sorted([held.name, young.name])
+    assert sorted(r.getMessage().split(":")[0] for r in caplog.records) == sorted(f"removed {p}" for p in (free, orphan))
