@@ -228,12 +228,21 @@ def test_symlink_to_another_filesystem(pair, cfg, reference, tmp_path, shm_dir):
     target = shm_dir / "out"
     previous_model(target, pair[1])
     put_user_files(target)
+    try:  # a folder of its own: mode 2700, a setgid group, an inode
+        os.chown(target, -1, 4242)
+    except PermissionError:  # not root: the group it has
+        pass
+    group = os.stat(target).st_gid
+    os.chmod(target, 0o2700)
+    inode = os.stat(target).st_ino
     link = tmp_path / "out"
     link.symlink_to(target)
     assert os.stat(tmp_path).st_dev != os.stat(target).st_dev
 
     merge(cfg, link)
     assert link.is_symlink() and os.readlink(link) == str(target)
+    info = os.stat(target)
+    assert (info.st_ino, stat.S_IMODE(info.st_mode), info.st_gid) == (inode, 0o2700, group)
     assert_model(target, reference)
     assert_user_files(target)
     assert not staging_left(tmp_path)
