@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -45,6 +44,11 @@ from typing import Iterable, List, Optional, Set
 
 from mergekit_timber import signals
 from mergekit_timber.errors import TimberOutputError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: staging folders are judged by the owner written in them
+    fcntl = None
 
 LOG = logging.getLogger(__name__)
 
@@ -360,9 +364,9 @@ def _hold_lock(path: Path) -> int:
     Locked under a temporary name and then renamed, so no other merge ever finds the
     lock file unlocked while its merge runs."""
     pending = path.with_name(path.name + ".new")
-    fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(pending, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock(fd)
     except OSError:
         pass  # no locks on this filesystem: others judge by the identity written below
     os.write(fd, (_identity() + "\n").encode())
@@ -374,20 +378,20 @@ def _owner_if_alive(staging: Path, pid: int) -> Optional[str]:
     """Who holds this staging folder, or None when its merge no longer runs."""
     lock = staging / _LOCK_FILE
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(lock, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         # Made a moment ago (the lock comes right after the folder), or killed in between.
         return f"pid {pid}" if _pid_alive(pid) else None
     except OSError:
         return "unknown"  # cannot tell: leave it
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock(fd)
         return None  # nobody holds it: its merge is gone
     except BlockingIOError:
         return f"pid {pid}"
     except OSError:
         # No locks here (some network filesystems): the same machine and boot, and a live pid.
-        host, _, rest = os.pread(fd, 512, 0).decode(errors="replace").strip().partition(" ")
+        host, _, rest = os.read(fd, 512).decode(errors="replace").strip().partition(" ")
         owner_pid, _, boot = rest.partition(" ")
         me_host, _, me_rest = _identity().partition(" ")
         if host != me_host:
@@ -397,6 +401,13 @@ def _owner_if_alive(staging: Path, pid: int) -> Optional[str]:
         return f"pid {owner_pid}"
     finally:
         os.close(fd)
+
+
+def _flock(fd: int) -> None:
+    """An exclusive lock, now or BlockingIOError; OSError where there are no locks."""
+    if fcntl is None:
+        raise OSError(errno.ENOSYS, "no flock here")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -413,13 +424,13 @@ def _pid_alive(pid: int) -> bool:
 def _folder_lock(folder: Path):
     """One publisher at a time in `folder` (two merges into one output: the last one wins whole)."""
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         yield
         return
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits for another merge's publication
         yield
     finally:
         os.close(fd)

@@ -620,3 +620,31 @@ def test_which_staging_folders_are_leftovers(tmp_path, caplog):
         os.close(fd)
     assert sorted(p.name for p in out.iterdir()) == sorted([held.name, young.name])
     assert sorted(r.getMessage().split(":")[0] for r in caplog.records) == sorted(f"removed {p}" for p in (free, orphan))
+
+
+def test_leftovers_where_the_filesystem_has_no_locks(tmp_path, monkeypatch):
+    """Without flock (some network filesystems) a staging folder is a leftover when its
+    owner ran on this machine, in this boot, and its pid is gone; another host's is kept."""
+    import errno
+
+    from mergekit_timber import output_dir
+    from mergekit_timber.output_dir import OutputDir
+
+    def no_locks(fd):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(output_dir, "_flock", no_locks)
+    host, pid, boot = output_dir._identity().split(" ")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owners = {"gone": f"{host} {dead.pid} {boot}", "alive": f"{host} {pid} {boot}",
+              "rebooted": f"{host} {pid} another-boot", "elsewhere": f"other-host {dead.pid} {boot}"}  # fmt: skip
+    out = tmp_path / "out"
+    for index, (name, owner) in enumerate(owners.items()):
+        folder = out / f".timber-staging-{index}-{index:04x}"
+        folder.mkdir(parents=True)
+        (folder / "lock").write_text(owner + "\n")
+        (folder / name).touch()
+    OutputDir(out).remove_leftovers()
+    kept = sorted(next(p.name for p in folder.iterdir() if p.name != "lock") for folder in out.iterdir())
+    assert kept == ["alive", "elsewhere"]
