@@ -18,9 +18,11 @@ leaves no stale shard of the previous model behind.
 
 Order (one publisher at a time per folder: a lock on the folder): the previous
 ``config.json`` is taken away first, then the new weights and index move in, then the
-previous model's files the new one lacks are removed, then the other new files, and
-``config.json`` last. A reader sees the previous model whole, or no ``config.json``
-(for the milliseconds of the renames), or the new model whole: never a mixed one.
+previous model's files the new one lacks are taken away, then the other new files, and
+``config.json`` last. Every step is a rename (the previous model's files are moved into
+the staging folder and deleted with it, after publishing). A reader sees the previous
+model whole, or no ``config.json`` (for the time of the renames), or the new model
+whole: never a mixed one.
 
 Leftovers: the staging folder holds a lock (``flock``) for its merge's lifetime. A
 staging folder whose lock is free was left by a merge that was killed (SIGKILL, a
@@ -292,19 +294,17 @@ class OutputDir:
         return names
 
     def _take_away(self, name: str) -> None:
+        """Move a previous model's file aside, into the staging folder: a rename (deleting
+        gigabytes can take a while; it happens with the staging folder, after publishing)."""
         item = self.path / name
-        if item.is_dir() and not item.is_symlink():  # a MODEL_FOLDERS folder (publish checked)
+        if item.exists() or item.is_symlink():
             aside = self._staging / _REPLACED
             aside.mkdir(exist_ok=True)
-            os.rename(item, aside / name)  # deleted with the staging folder
-        elif item.exists() or item.is_symlink():
-            os.unlink(item)
+            os.rename(item, aside / name)
 
     def _move_in(self, name: str) -> None:
-        source, target = self.model_dir / name, self.path / name
-        if source.is_dir() or (target.is_dir() and not target.is_symlink()):
-            self._take_away(name)
-        os.replace(source, target)  # a file replaces a file atomically
+        self._take_away(name)
+        os.rename(self.model_dir / name, self.path / name)
 
     # ----------------------------------------------------------------- the end
 

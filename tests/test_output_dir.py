@@ -553,23 +553,22 @@ def test_publish_order_config_last(tmp_path, monkeypatch):
         (staged / name).write_text("new " + name)
 
     steps = []
+    real_rename = os.rename
 
-    def record(op, real):
-        def call(*args, **kwargs):
-            if Path(args[-1]).parent == out:  # what happens in the output folder itself
-                steps.append((op, Path(args[-1]).name))
-            return real(*args, **kwargs)
+    def rename(source, target):  # every step of a publication is a rename in the output folder
+        if Path(source).parent == out:
+            steps.append(("away", Path(source).name))
+        if Path(target).parent == out:
+            steps.append(("in", Path(target).name))
+        return real_rename(source, target)
 
-        return call
-
-    for op in ("replace", "unlink"):
-        monkeypatch.setattr(output_dir.os, op, record(op, getattr(os, op)))
+    monkeypatch.setattr(output_dir.os, "rename", rename)
     target.publish()
     monkeypatch.undo()
 
-    assert steps[0] == ("unlink", "config.json") and steps[-1] == ("replace", "config.json")
-    assert steps.index(("replace", "model.safetensors")) < min(
-        steps.index(("unlink", n)) for n in ("model-00001-of-00002.safetensors", "model.safetensors.index.json")
+    assert steps[0] == ("away", "config.json") and steps[-1] == ("in", "config.json")
+    assert steps.index(("in", "model.safetensors")) < min(
+        steps.index(("away", n)) for n in ("model-00001-of-00002.safetensors", "model.safetensors.index.json")
     )
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "tokenizer.json"]
     assert all((out / n).read_text() == "new " + n for n in ("config.json", "model.safetensors", "tokenizer.json"))
