@@ -33,16 +33,18 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def looks_like_hub_id(ref: str) -> bool:
-    """Whether `ref` could name a Hub repo (org/name); "./x", "/x", "~/x", "a/b/c" cannot."""
-    if not _HUB_ID.match(ref) or ref.startswith((".", "~")) or os.path.isabs(ref):
-        return False
-    # `models/base` where ./models exists is a path, not the Hub repo base of org models.
-    return not Path(ref.split("/", 1)[0]).is_dir()
+    """Whether `ref` is spelled as a Hub repo id (org/name); "./x", "/x", "~/x", "a/b/c" are not.
+
+    Spelling only: whether a ref IS a local model is decided by `resolve_model`, as
+    mergekit decides it (a local path when it exists, else a Hub id).
+    """
+    return bool(_HUB_ID.match(ref)) and not ref.startswith((".", "~")) and not os.path.isabs(ref)
 
 
 def resolve_model(ref: str, role: str, fetch: Optional[Callable[[], str]] = None) -> Path:
-    """A local model directory for `ref`: a directory, or a Hub id, downloaded by `fetch`
-    (default: the model's json and safetensors files)."""
+    """A local model directory for `ref`, decided as mergekit decides it: the local folder
+    when `ref` exists, else a Hub id, downloaded by `fetch` (default: the model's json and
+    safetensors files). A local folder `org/` does not make `org/name` a local path."""
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
@@ -59,8 +61,8 @@ def resolve_model(ref: str, role: str, fetch: Optional[Callable[[], str]] = None
     except Exception as exc:  # one line, whatever the hub library raised
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise TimberInputError(
-            f"{role} {ref!r} is not a local directory and could not be fetched from "
-            f"the Hugging Face Hub: {type(exc).__name__}: {reason}"
+            f"{role} {ref!r} is not a local directory ({path.absolute()} does not exist) and the "
+            f"Hugging Face Hub could not provide it as a repo id: {type(exc).__name__}: {reason}"
         ) from None
 
 
@@ -137,6 +139,10 @@ class Checkpoint:
             return json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, ValueError):
             return {}
+        except RecursionError:  # json nests by recursion: transformers would fail the same way
+            raise TimberInputError(
+                f"{self.role} {path}: nested too deeply to read (Python's recursion limit)"
+            ) from None
 
     def close(self) -> None:
         self._stack.close()

@@ -526,7 +526,7 @@ def _write_shard(path: Path, entries: List[_Entry]) -> None:
 
 
 def dequantize_checkpoint(
-    source: Path, target: Path, dtype: str = DEFAULT_DTYPE, *, replace: Optional[bool] = None
+    source: Path, target: Path, dtype: str = DEFAULT_DTYPE
 ) -> Quantization:
     """Write the block-FP8 or MXFP4 checkpoint `source` as an ordinary `dtype` checkpoint at `target`.
 
@@ -537,14 +537,14 @@ def dequantize_checkpoint(
     """
     import torch
 
-    from mergekit_timber.output_dir import INDEX_SUFFIX, OutputDir, is_weight_file
+    from mergekit_timber.output_dir import OutputDir
 
     if dtype not in DTYPES:
         raise TimberInputError(f"dequantize: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     source = Path(source)
     if not source.is_dir():
         raise TimberInputError(f"dequantize: input {source} is not a directory")
-    out = OutputDir(target, replace=replace, inputs=[source])
+    out = OutputDir(target, inputs=[source])
     out.check()
     checkpoint = Checkpoint(source, "input model")
     try:
@@ -561,8 +561,8 @@ def dequantize_checkpoint(
             )
         torch_dtype = getattr(torch, dtype)
         shards = _entries(checkpoint, quant, torch_dtype)
-        stage = out.stage()
         try:
+            stage = out.open()
             weight_map, total = {}, 0
             for file, entries in shards.items():
                 LOG.info("dequantizing %s (%d tensors)", file, len(entries))
@@ -570,22 +570,26 @@ def dequantize_checkpoint(
                 for entry in entries:
                     weight_map[entry.name] = file
                     total += entry.nbytes()
-            if (source / f"model.safetensors{INDEX_SUFFIX}").is_file() or len(shards) > 1:
+            if (source / "model.safetensors.index.json").is_file() or len(shards) > 1:
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-                (stage / f"model.safetensors{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2) + "\n")
+                (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             for item in sorted(source.iterdir()):
-                if item.is_file() and not is_weight_file(item.name) and item.name != "config.json":
+                if item.is_file() and not _is_weights(item.name) and item.name != "config.json":
                     shutil.copyfile(item, stage / item.name)
             config = _read_config(source)
             if config:
                 (stage / "config.json").write_text(json.dumps(plain_config(config, dtype), indent=2) + "\n")
-            out.publish(stage)
+            out.publish()
         finally:
-            if stage.exists():
-                OutputDir.discard(stage)
+            out.discard()
     finally:
         checkpoint.close()
     return quant
+
+
+def _is_weights(name: str) -> bool:
+    """A weight shard or shard index of the input (any name): written dequantized, not copied."""
+    return name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
 
 
 def plain_config(config: Mapping[str, Any], dtype: str, *, nested: bool = False) -> Dict[str, Any]:

@@ -1,10 +1,11 @@
 """Timber merge orchestration: what `run_merge` does for a `timber`/`timber_l` merge.
 
-mergekit_timber/patches.py hands Timber merges here (and only those); this module runs
-preflight, checks the output directory, merges into a staging directory
+mergekit_timber/patches.py hands Timber merges here (and only those); this module checks
+the output folder, runs preflight, merges into a staging folder inside the output
 (mergekit_timber.output_dir) with mergekit's own `run_merge`, copies the tokenizer and
 the generation config from the Instruct model (a failure stops the merge), writes the
-card (mergekit_timber/card.py) and publishes the directory at the end. Weights and the
+card (mergekit_timber/card.py; a failure there only warns) and publishes the model at
+the end; SIGTERM/SIGHUP clean up like Ctrl-C (mergekit_timber.signals). Weights and the
 vocabulary handling are untouched: the tensors are exactly mergekit's.
 """
 
@@ -17,10 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from mergekit_timber import finite, guard, preflight, quantized
+from mergekit_timber import finite, guard, preflight, quantized, signals
 from mergekit_timber.card import has_tokenizer, mergekit_makes_tokenizer, model_card
 from mergekit_timber.errors import TimberOutputError
-from mergekit_timber.output_dir import OutputDir, hold_config
+from mergekit_timber.output_dir import OutputDir, describe, display, is_write_failure
 from mergekit_timber.recipe import instruct_model, is_timber, with_instruct_as_donor
 
 LOG = logging.getLogger(__name__)
@@ -37,36 +38,34 @@ def instruct_dir(config, options) -> Path:
     return Path(get_donor_model(with_instruct_as_donor(config), options=options)[1])
 
 
-def prepare(
-    config, options, outs: Iterable, config_source: Optional[str] = None, *, replace: Optional[bool] = None
-) -> List[OutputDir]:
-    """Everything checked before the first tensor; the output directories, none touched."""
+def prepare(config, options, outs: Iterable, config_source: Optional[str] = None) -> List[OutputDir]:
+    """Everything checked before the first tensor; the output folders, none touched."""
     guard.require()  # the seam is in place (else one line), and a word on an unverified mergekit
+    inputs = [ref.model.path for ref in config.referenced_models() if os.path.isdir(ref.model.path)]
+    targets = [OutputDir(out, inputs=inputs) for out in outs]
+    for target in targets:
+        target.check()  # first: instant, and before preflight may fetch a model
     preflight.check(config, options, source=config_source)
     instruct_model(config)
-    inputs = [ref.model.path for ref in config.referenced_models() if os.path.isdir(ref.model.path)]
-    targets = [OutputDir(out, replace=replace, inputs=inputs) for out in outs]
-    for target in targets:
-        target.check()
     return targets
 
 
-def run_timber_merge(config, out_path, options, config_source=None, *, replace=None) -> None:
+def run_timber_merge(config, out_path, options, config_source=None) -> None:
     """mergekit's run_merge for a Timber merge: drop-in output, all or nothing."""
-    (target,) = prepare(config, options, [out_path], config_source, replace=replace)
-    stage = target.stage()
-    try:
-        write_merge(config, stage, options, config_source, name=target.name)
-        target.publish(stage)
-    finally:
-        if stage.exists():
-            OutputDir.discard(stage)
+    (target,) = prepare(config, options, [out_path], config_source)
+    with signals.terminate_as_exception():
+        try:
+            model_dir = target.open()
+            write_merge(config, model_dir, options, config_source, name=target.name)
+            target.publish()
+        finally:
+            target.discard()  # nothing left after a publish; the staging folder after a failure
 
 
 def write_merge(
     config, stage: Path, options, config_source: Optional[str], *, name: str, run_as: Optional[str] = None
 ) -> None:
-    """Run mergekit's merge into `stage`, then the Instruct files and the card; config held aside.
+    """Run mergekit's merge into `stage`, then the Instruct files and the card.
 
     `run_as` names the registered method mergekit runs (a sweep's own Timber instance);
     the card and mergekit_config.yml still describe `config`.
@@ -82,10 +81,12 @@ def write_merge(
     try:
         with quantized.dequantized_reading(config, options):  # block-FP8 inputs read dequantized
             guard.lookup("mergekit.merge.run_merge")(inner_config, str(stage), options=inner_options)
-    except OSError as error:
-        raise TimberOutputError(f"writing the merged model failed: {_reason(error)}") from error
+    except Exception as error:
+        if not is_write_failure(error):  # disk full is a SafetensorError, not an OSError
+            raise
+        cause = describe(error, written=stage)
+        raise TimberOutputError(f"writing the merged model into {display(stage)} failed: {cause}") from error
     finite.check_written(stage)
-    hold_config(stage)
 
     instruct, source = instruct_model(config).model.path, instruct_dir(config, options)
     if options.copy_tokenizer and not explicit_tokenizer and not has_tokenizer(source):
@@ -100,10 +101,22 @@ def write_merge(
             shutil.copyfile(generation, stage / "generation_config.json")
     if options.write_model_card:
         text = config_source or config.to_yaml()
-        with _step("writing the model card"):
-            card = model_card(config, text, name=name, options=options, instruct_dir=source)
-            (stage / "README.md").write_text(card, encoding="utf-8")
-            (stage / "mergekit_config.yml").write_text(text, encoding="utf-8")
+        write_card(stage, lambda: model_card(config, text, name=name, options=options, instruct_dir=source), text)
+
+
+def write_card(stage: Path, render, config_text: str) -> None:
+    """README.md and mergekit_config.yml; a failure here does not make the model wrong:
+    one warning, and the model is published without them."""
+    files = (stage / "README.md", stage / "mergekit_config.yml")
+    try:
+        files[0].write_text(render(), encoding="utf-8")
+        files[1].write_text(config_text, encoding="utf-8")
+    except Exception as error:  # noqa: BLE001 - cosmetic: never worth the finished merge
+        for item in files:
+            with contextlib.suppress(OSError):
+                item.unlink()
+        LOG.warning("writing the model card failed (%s); the model is published without README.md "
+                    "and mergekit_config.yml", _reason(error))
 
 
 @contextlib.contextmanager
@@ -118,8 +131,4 @@ def _step(what: str):
 
 
 def _reason(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        where = f": {error.filename}" if error.filename else ""
-        return f"{error.strerror}{where}"
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return describe(error)  # the output file for a failed write, shown where the user will look

@@ -10,6 +10,8 @@ mergekit's own TensorWriter.
 Afterwards each extra output gets the first output's non-weight files (the Instruct
 model's config, tokenizer and generation config: mergekit_timber.seam), its own model
 card and a `mergekit_config.yml` that reproduces it alone with `mergekit-yaml`.
+Every output is staged inside its own folder and published by the rules of a single
+merge (mergekit_timber.output_dir), once all of them are written.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import yaml
 
 from mergekit_timber.checkpoint import open_written
-from mergekit_timber import finite
-from mergekit_timber.errors import TimberConfigError
-from mergekit_timber.output_dir import OutputDir, is_weight_file
+from mergekit_timber import finite, signals
+from mergekit_timber.errors import TimberConfigError, TimberOutputError
+from mergekit_timber.output_dir import describe, display, is_weight_file, is_write_failure
 
 SIDE_SHARD_BYTES = 1_000_000_000
 
@@ -113,18 +115,13 @@ def load_sweep_config(config_path: Path) -> Dict:
     return config
 
 
-def run_sweep(
-    config_path: Path, out_root: Path, lambdas: Sequence[float], options, *, replace: Optional[bool] = None
-) -> List[Path]:
+def run_sweep(config_path: Path, out_root: Path, lambdas: Sequence[float], options) -> List[Path]:
     """Write OUT/lambda-X/ for every lambda from one pass; return the output dirs.
 
-    Every output is staged and published only once all of them are written
-    (mergekit_timber.output_dir); `replace` (default: MERGEKIT_TIMBER_REPLACE) lets
-    outputs that hold an earlier model be replaced.
+    Every output is staged inside its folder and published only once all of them are
+    written, each as a single merge's output is (mergekit_timber.output_dir).
     """
-    from mergekit.common import dtype_from_name
     from mergekit.config import MergeConfiguration
-    from mergekit.io.tensor_writer import TensorWriter
 
     from mergekit_timber import seam
 
@@ -133,46 +130,69 @@ def run_sweep(
     outs = [out_root / output_name(lam) for lam in lambdas]
     texts = [yaml.safe_dump(config_for(source, lam), sort_keys=False) for lam in lambdas]
     configs = [MergeConfiguration.model_validate(yaml.safe_load(t)) for t in texts]
-    targets = seam.prepare(configs[0], options, outs, texts[0], replace=replace)
+    targets = seam.prepare(configs[0], options, outs, texts[0])
+    with signals.terminate_as_exception():
+        try:
+            _write_and_publish(targets, configs, texts, lambdas, options)
+        finally:
+            for target in reversed(targets):  # the last made folders first: parents empty last
+                target.discard()  # staging folders of a sweep that failed
+    return outs
 
-    stages = []
-    try:
-        stages = [target.stage() for target in targets]
-        # Each extra writer buffers up to one shard in memory: cap it, or mergekit's 5 GB
-        # default would hold every extra output of a mid-sized model in RAM at once.
-        side_shard = min(options.out_shard_size, SIDE_SHARD_BYTES) if options.out_shard_size > 0 else SIDE_SHARD_BYTES
-        writers = [
-            TensorWriter(str(stage), max_shard_size=side_shard, safe_serialization=options.safe_serialization)
-            for stage in stages[1:]
-        ]
-        out_dtype = dtype_from_name(configs[0].out_dtype) if configs[0].out_dtype else None
-        session = SweepSession(writers=writers, lambdas=lambdas[1:], out_dtype=out_dtype)
-        with _sweep_method(lambdas[1:], session.save) as method_name:
-            # The card and mergekit_config.yml come from configs[0]/texts[0]: they name `timber`.
-            seam.write_merge(configs[0], stages[0], options, texts[0], name=targets[0].name, run_as=method_name)
 
-        with open_written(stages[0], "sweep output") as first_output:
-            for index, (stage, writer) in enumerate(zip(stages[1:], writers)):
+def _write_and_publish(targets, configs, texts, lambdas, options) -> None:
+    """Stage every output, write them all from one merge, then publish each."""
+    from mergekit.common import dtype_from_name
+    from mergekit.io.tensor_writer import TensorWriter
+
+    from mergekit_timber import seam
+
+    stages = [target.open() for target in targets]
+    # Each extra writer buffers up to one shard in memory: cap it, or mergekit's 5 GB
+    # default would hold every extra output of a mid-sized model in RAM at once.
+    side_shard = min(options.out_shard_size, SIDE_SHARD_BYTES) if options.out_shard_size > 0 else SIDE_SHARD_BYTES
+    writers = [
+        TensorWriter(str(stage), max_shard_size=side_shard, safe_serialization=options.safe_serialization)
+        for stage in stages[1:]
+    ]
+    out_dtype = dtype_from_name(configs[0].out_dtype) if configs[0].out_dtype else None
+    session = SweepSession(writers=writers, lambdas=lambdas[1:], out_dtype=out_dtype)
+    with _sweep_method(lambdas[1:], session.save) as method_name:
+        # The card and mergekit_config.yml come from configs[0]/texts[0]: they name `timber`.
+        seam.write_merge(configs[0], stages[0], options, texts[0], name=targets[0].name, run_as=method_name)
+
+    with open_written(stages[0], "sweep output") as first_output:
+        for index, (stage, writer) in enumerate(zip(stages[1:], writers)):
+            with _writing(stage):
                 # Tensors mergekit wrote without calling the method (non-float buffers,
                 # passthrough) do not depend on lambda: take them from the first output.
                 for name in sorted(set(first_output.names()) - session.saved[index]):
                     writer.save_tensor(name=name, tensor=first_output.tensor(name), clone=False)
                 writer.finalize()
-        for index, stage in enumerate(stages[1:]):
+    for index, stage in enumerate(stages[1:]):
+        with seam._step(f"copying config and tokenizer into {display(stage)}"):
             _copy_non_weight_files(stages[0], stage)
-            config, text, target = configs[index + 1], texts[index + 1], targets[index + 1]
-            if options.write_model_card:
-                source = seam.instruct_dir(config, options)
-                card = seam.model_card(config, text, name=target.name, options=options, instruct_dir=source)
-                (stage / "README.md").write_text(card, encoding="utf-8")
-                (stage / "mergekit_config.yml").write_text(text, encoding="utf-8")
-        for target, stage in zip(targets, stages):
-            target.publish(stage)
-    finally:
-        for stage in stages:
-            if stage.exists():
-                OutputDir.discard(stage)
-    return outs
+        config, text, target = configs[index + 1], texts[index + 1], targets[index + 1]
+        if options.write_model_card:
+            source = seam.instruct_dir(config, options)
+
+            def render(config=config, text=text, target=target, source=source):
+                return seam.model_card(config, text, name=target.name, options=options, instruct_dir=source)
+
+            seam.write_card(stage, render, text)
+    for target in targets:
+        target.publish()
+
+
+@contextlib.contextmanager
+def _writing(stage: Path):
+    """A failed write of an extra output (disk full: safetensors' own error) as one line."""
+    try:
+        yield
+    except Exception as error:
+        if not is_write_failure(error):
+            raise
+        raise TimberOutputError(f"writing the merged model into {display(stage)} failed: {describe(error, written=stage)}") from error
 
 
 _SWEEP_IDS = itertools.count(1)

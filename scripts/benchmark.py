@@ -643,9 +643,8 @@ def run_e2e(args, workdir: Path) -> List[str]:
 
     def best_of(key, cmd):
         """Run `cmd` --e2e-repeats times: the fastest run's wall time, the largest peaks."""
-        # Repeats write into the same output: let mergekit-timber replace it.
-        env = dict(os.environ, MERGEKIT_TIMBER_REPLACE="1")
-        runs = [measure(cmd, key if r == 0 else f"{key} (repeat {r + 1})", workdir, env) for r in range(args.e2e_repeats)]
+        # Repeats write into the same output: a re-run replaces the model, as with mergekit.
+        runs = [measure(cmd, key if r == 0 else f"{key} (repeat {r + 1})", workdir) for r in range(args.e2e_repeats)]
         ok = [r for r in runs if r["rc"] == 0] or runs
         best = dict(min(ok, key=lambda r: r["wall"]))
         for field in ("maxrss_kb", "poll_rss_kb", "anon_kb", "file_kb"):

@@ -14,9 +14,6 @@ from safetensors.torch import load_file, save_file
 from helpers import cli, load_dir, write_yaml
 from mergekit_timber.testing.synthetic import write_pair
 
-REPLACE = {"MERGEKIT_TIMBER_REPLACE": "1"}
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return write_pair(tmp_path_factory.mktemp("integrity") / "llama", arch="llama", layers=1, seed=7)
@@ -28,7 +25,6 @@ def timber_yaml(path, base, instruct):
 
 def mergekit_yaml(*args, env=None, cwd=None):
     full = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    full.pop("MERGEKIT_TIMBER_REPLACE", None)
     full.update(env or {})
     return subprocess.run(
         [cli("mergekit-yaml"), *map(str, args)], capture_output=True, text=True, env=full, cwd=cwd, timeout=600
@@ -46,8 +42,8 @@ def snapshot(directory):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
 
-def no_staging_left(parent):
-    assert not [p.name for p in parent.iterdir() if ".timber-partial-" in p.name]
+def no_staging_left(folder):
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".timber-staging-")]
 
 
 def weight_names(directory):
@@ -55,22 +51,16 @@ def weight_names(directory):
 
 
 def test_earlier_single_file_model_then_sharded_reruns(pair, tmp_path):
+    """Re-running into a folder that holds a model replaces it, as mergekit does (no opt-in),
+    with no weight file, shard or index of the earlier model left."""
     base, instruct = pair
     cfg = timber_yaml(tmp_path / "t.yml", base, instruct)
     out = tmp_path / "out"
     shutil.copytree(instruct, out)  # an earlier, finished model: model.safetensors
-    before = snapshot(out)
-
-    line = failed(mergekit_yaml(cfg, out, "--out-shard-size", "100K"))
-    assert line == (
-        f"mergekit-timber: error: output {out} already holds model weights (model.safetensors); choose a new "
-        "directory, or set MERGEKIT_TIMBER_REPLACE=1 (sweep: --replace) to replace that model"
-    )
-    assert snapshot(out) == before
 
     counts, tensors = [], []
     for shard_size in ("100K", "40K"):  # replace, then rerun with another shard size
-        proc = mergekit_yaml(cfg, out, "--out-shard-size", shard_size, env=REPLACE)
+        proc = mergekit_yaml(cfg, out, "--out-shard-size", shard_size)
         assert proc.returncode == 0, proc.stderr[-3000:]
         index = json.loads((out / "model.safetensors.index.json").read_text())
         shards = sorted(set(index["weight_map"].values()))
@@ -78,10 +68,10 @@ def test_earlier_single_file_model_then_sharded_reruns(pair, tmp_path):
         counts.append(len(shards))
         tensors.append(load_dir(out))
         assert json.loads((out / "config.json").read_text())["eos_token_id"] == 3
+        no_staging_left(out)
     assert 1 < counts[0] < counts[1]
     assert tensors[0].keys() == tensors[1].keys() and all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
     assert not torch.equal(tensors[0]["model.layers.0.mlp.up_proj.weight"], load_dir(instruct)["model.layers.0.mlp.up_proj.weight"])
-    no_staging_left(tmp_path)
 
 
 def test_failed_merge_into_a_used_directory_keeps_the_earlier_model(pair, tmp_path):
@@ -95,10 +85,9 @@ def test_failed_merge_into_a_used_directory_keeps_the_earlier_model(pair, tmp_pa
     shutil.copytree(instruct, out)
     before = snapshot(out)
 
-    line = failed(mergekit_yaml(timber_yaml(tmp_path / "t.yml", base, broken), out, env=REPLACE))
+    line = failed(mergekit_yaml(timber_yaml(tmp_path / "t.yml", base, broken), out))
     assert line.startswith("mergekit-timber: error: ") and "model.layers.0.mlp.up_proj.weight" in line
-    assert snapshot(out) == before  # the earlier model, whole: no partial new shards beside it
-    no_staging_left(tmp_path)
+    assert snapshot(out) == before  # the earlier model, whole: no partial new shards, no staging folder
 
 
 SITECUSTOMIZE = '''
@@ -125,12 +114,15 @@ def test_disk_full_while_copying_the_tokenizer(pair, tmp_path):
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(SITECUSTOMIZE)
     out = tmp_path / "out"
+    pythonpath = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))
 
-    line = failed(mergekit_yaml(timber_yaml(tmp_path / "t.yml", base, instruct), out, env={"PYTHONPATH": str(inject)}))
-    assert line.startswith(f"mergekit-timber: error: copying the tokenizer of {instruct} failed: No space left on device: ")
-    assert line.endswith("tokenizer.json")
-    assert not out.exists()  # nothing that could load as a model
-    no_staging_left(tmp_path)
+    line = failed(mergekit_yaml(timber_yaml(tmp_path / "t.yml", base, instruct), out, env={"PYTHONPATH": pythonpath}))
+    # The file on the full disk, where the user will look (not the source, not the staging folder).
+    assert line == (
+        f"mergekit-timber: error: copying the tokenizer of {instruct} failed: No space left on device: "
+        f"{os.path.realpath(out)}/tokenizer.json"
+    )
+    assert not out.exists()  # nothing that could load as a model; the folder it made is gone
 
 
 def test_relative_local_paths_never_reach_the_hub(pair, tmp_path):

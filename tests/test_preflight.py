@@ -62,7 +62,7 @@ def fail(tmp_path, config, *culprits, cwd=None):
     for culprit in culprits:
         assert culprit in last, last
     assert not out.exists(), sorted(p.name for p in out.iterdir())
-    assert not [p.name for p in tmp_path.iterdir() if "timber-partial" in p.name], "staging left behind"
+    assert not [p.name for p in tmp_path.iterdir() if "timber-staging" in p.name], "staging left behind"
     return last
 
 
@@ -184,7 +184,7 @@ def test_timber_l_names_lambda_even_when_it_is_not_a_number(pair):
 # --------------------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("ref", ["/nonexistent/instruct", "sub/nope"])
+@pytest.mark.parametrize("ref", ["/nonexistent/instruct", "./sub/nope"])
 def test_missing_local_path_is_named_as_a_path(pair, tmp_path, ref):
     (tmp_path / "sub").mkdir()
     line = fail(tmp_path, cfg(pair[0], ref), f"instruct model {ref!r}: no such directory", cwd=tmp_path)

@@ -20,22 +20,18 @@ def _merge_options(f):
     "--lambdas", default="0,0.2,0.5,0.8", show_default=True,
     help="Comma-separated lambdas; each gives OUT/lambda-X/. Replaces every lambda in CONFIG.",
 )
-@click.option(
-    "--replace", is_flag=True,
-    help="Replace an earlier model in an OUT/lambda-X/ directory (default: refuse; "
-    "MERGEKIT_TIMBER_REPLACE=1 does the same).",
-)
 @_merge_options
-def sweep(merge_options, config: Path, out: Path, lambdas: str, replace: bool) -> None:
+def sweep(merge_options, config: Path, out: Path, lambdas: str) -> None:
     """Timber at several lambdas with one decomposition per tensor.
 
     Each OUT/lambda-X/ is the model `mergekit-yaml` writes for that lambda alone,
-    with its own model card and a mergekit_config.yml that reproduces it.
+    with its own model card and a mergekit_config.yml that reproduces it. A re-run
+    replaces the model in each OUT/lambda-X/ as mergekit-yaml does (other files stay).
     """
     from mergekit_timber.sweep import parse_lambdas, run_sweep
 
     merge_options.apply_global_options()
     values = parse_lambdas(lambdas)  # a TimberError prints as one line (mergekit_timber.cli)
-    outs = run_sweep(config, out, values, merge_options, replace=replace or None)
+    outs = run_sweep(config, out, values, merge_options)
     for lam, path in zip(values, outs):
         click.echo(f"lambda={lam:g}\t{path}")
