@@ -3,8 +3,8 @@
 # torch is pinned to the CPU build by default: an unpinned torch pulls a CUDA build of
 # several GB. On a GPU machine bring your own torch first, or set TORCH_SPEC.
 #
-# Says what it installs and how long that usually takes (first run: about 3 minutes on a
-# 2-core machine with a fast connection, most of it torch; later runs: about 15 s), and
+# Says what it installs and how long that usually takes (first run: 3 to 5 minutes on a
+# 2-core machine with a fast connection; later runs: about 20 s), and
 # prints a line at least every 10 s while pip works. pip's full output: $VENV/setup.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,12 +45,13 @@ if [ ! -x "$VENV/bin/python" ]; then
     run_step "upgrading pip (a few seconds)" "$VENV/bin/python" -m pip install --upgrade pip
 fi
 touch "$LOG"
+say "looking for torch in $VENV (importing it takes a few seconds)"
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     run_step "installing $TORCH_SPEC (CPU build unless TORCH_SPEC says otherwise; ~200 MB, usually 1-2 min)" \
         "$VENV/bin/python" -m pip install "$TORCH_SPEC"
 else
     say "torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') already in $VENV: kept"
 fi
-run_step "installing mergekit-timber (editable) with mergekit 0.1.5, transformers and the test tools (usually 1 min the first time, 15 s after)" \
+run_step "installing mergekit-timber (editable) with mergekit 0.1.5, transformers and the test tools (usually 2-3 min the first time, 10 s after)" \
     "$VENV/bin/python" -m pip install -e ".[test]"
 say "done: $VENV is ready (pip's output: $LOG)"
