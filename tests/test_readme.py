@@ -127,6 +127,9 @@ def test_readme_examples_run_in_order(tmp_path):
         shown = proc.stdout if lang == "python" else None
 
     assert len(ran) >= 6, ran  # local pair, chat, real pair, API, chain, tools
+    # The recipe README.md shows is the one `mergekit-timber recipe` wrote.
+    (shown_recipe,) = [b for lang, b, _ in blocks if lang == "yaml" and "lambda: 0.8" in b and "---" not in b]
+    assert localize(shown_recipe) == (repo / "timber.yml").read_text()
     # Each example wrote its own folder, and every one exists.
     for path in ("out-local/model.safetensors", "qwen3-0.6b-timber/model.safetensors",
                  "qwen3-0.6b-timber-api/model.safetensors", "chain-work/llama-3.1-8b-timber/model.safetensors",

@@ -5,6 +5,7 @@ as a Hub id (org/name) and is written as given, for mergekit to fetch at merge t
 """
 
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -44,7 +45,25 @@ def render(base: str, instruct: str, method: str, lam) -> str:
         f"# {method}: refine {instruct} with its Base model (arXiv 2509.23595).\n"
         "# Save as timber.yml and run: mergekit-yaml timber.yml OUT/   (add --cuda on a GPU)\n"
     )
-    return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+    class Indented(yaml.SafeDumper):  # "models:\n  - model: ..." as mergekit's examples write it
+        def increase_indent(self, flow=False, indentless=False):
+            return super().increase_indent(flow, False)
+
+    return header + yaml.dump(config, Dumper=Indented, sort_keys=False, default_flow_style=False)
+
+
+def checked_lambda(method: str, lam: Optional[float]) -> Optional[float]:
+    """The lambda the recipe writes, checked by the method's own ParameterSpec (one rule:
+    range, and timber_l refusing it); None for timber_l."""
+    from mergekit import merge_methods
+
+    import mergekit_timber  # noqa: F401  registers the methods
+
+    spec = next(p for p in merge_methods.get(method).spec.parameters if p.name == "lambda")
+    if lam is None:
+        return spec.default
+    spec.validate(lam)  # raises a one-line TimberConfigError
+    return lam
 
 
 @click.command("recipe")
@@ -52,20 +71,15 @@ def render(base: str, instruct: str, method: str, lam) -> str:
 @click.argument("instruct")
 @click.option("--method", type=click.Choice(TIMBER_METHODS), default="timber", show_default=True)
 @click.option(
-    "--lambda", "lam", type=click.FloatRange(0, 1), default=None,
-    help="Scale of the spectral tail (timber only) [default: 0.2, the authors' default].",
+    "--lambda", "lam", type=float, default=None,
+    help="Scale of the spectral tail, 0 to 1 (timber only) [default: the method's default, see mergekit-timber --help].",
 )  # fmt: skip
-def recipe(base: str, instruct: str, method: str, lam) -> None:
+def recipe(base: str, instruct: str, method: str, lam: Optional[float]) -> None:
     """Print a ready YAML merging INSTRUCT with its Base BASE (local dirs or Hub ids).
 
     \b
     mergekit-timber recipe Qwen/Qwen3-0.6B-Base Qwen/Qwen3-0.6B --lambda 0.8 > timber.yml
     mergekit-yaml timber.yml out/
     """
-    if method == "timber_l" and lam is not None:
-        raise click.BadParameter("timber_l takes no lambda (it removes the tail: lambda = 0)", param_hint="'--lambda'")
-    if method == "timber" and lam is None:
-        from mergekit_timber.method import DEFAULT_LAMBDA
-
-        lam = DEFAULT_LAMBDA
-    click.echo(render(model_ref(base, "base model"), model_ref(instruct, "instruct model"), method, lam), nl=False)
+    base_ref, instruct_ref = model_ref(base, "base model"), model_ref(instruct, "instruct model")
+    click.echo(render(base_ref, instruct_ref, method, checked_lambda(method, lam)), nl=False)
