@@ -48,8 +48,8 @@ def add_explainer(explain) -> None:
         _EXPLAINERS.append(explain)
 
 
-# The merge methods this package adds, and mergekit's message for a name it does not know
-# (mergekit.merge_methods.registry.get).
+# The merge methods this package adds, and mergekit 0.1.5's message for a name it does not
+# know (mergekit.merge_methods.registry.get); if that text changes, the hint is just not given.
 TIMBER_METHODS = ("timber", "timber_l")
 _UNKNOWN_METHOD = "Unimplemented merge method "
 
@@ -67,9 +67,9 @@ def explain_unknown_method(error, trace):
         return None
     name = message[len(_UNKNOWN_METHOD) :].strip()
     try:
-        from mergekit.merge_methods.registry import registered_methods
+        from mergekit import merge_methods
 
-        known = [method.spec.name for method in registered_methods()]
+        known = [method.spec.name for method in merge_methods.registered_methods()]
     except Exception:  # pragma: no cover - the registry moved: fall back to ours only
         known = list(TIMBER_METHODS)
     closest = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.75)
