@@ -307,3 +307,10 @@ def test_same_files_on_request(tmp_path):
     assert all((base / n).read_bytes() == (instruct / n).read_bytes() for n in names)
     write_pair(tmp_path, arch="llama", layers=1)  # back to distinct: no stale template in Base
     assert not (base / "chat_template.jinja").exists()
+
+
+def test_cli_refuses_a_too_small_vocab_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        synthetic.main([str(tmp_path / "p"), "--vocab", "100"])
+    assert exit_.value.code == 2 and "error: vocab must be at least 260" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -393,6 +393,11 @@ _CHAT_TEMPLATE = (
 )
 
 
+def _check_vocab(vocab: int) -> None:
+    if vocab < MIN_VOCAB:
+        raise ValueError(f"vocab must be at least {MIN_VOCAB} (4 special tokens + 256 bytes), not {vocab}")
+
+
 def _token_id(token: str) -> int:
     return _SPECIAL_TOKENS.index(token)
 
@@ -407,8 +412,7 @@ def _tokenizer_json(vocab: int) -> str:
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab < MIN_VOCAB:
-        raise ValueError(f"vocab must be at least {MIN_VOCAB} (4 special tokens + 256 bytes), not {vocab}")
+    _check_vocab(vocab)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -554,8 +558,7 @@ def write_pair(
         raise ValueError("all sizes must be positive")
     if heads % kv_heads:
         raise ValueError("heads must be a multiple of kv_heads")
-    if vocab < MIN_VOCAB:
-        raise ValueError(f"vocab must be at least {MIN_VOCAB} (4 special tokens + 256 bytes), not {vocab}")
+    _check_vocab(vocab)
     if arch == "qwen3_moe" and min(experts, moe_intermediate) < 1:
         raise ValueError("experts and moe_intermediate must be positive")
     tie = _default_tie(arch) if tie_embeddings is None else bool(tie_embeddings)
@@ -603,7 +606,7 @@ def _write_files(base_dir: Path, instruct_dir: Path, cfg, vocab: int, *, distinc
     _write_tokenizer(instruct_dir, vocab, instruct=True)
     if not distinct:  # the Base gets the Instruct's files
         for f in instruct_dir.iterdir():
-            if f.suffix in (".json", ".jinja"):
+            if f.suffix in (".json", ".jinja") and not f.name.startswith("model"):  # not the weight index
                 shutil.copyfile(f, base_dir / f.name)
         return
     base_cfg = copy.deepcopy(cfg)
@@ -702,7 +705,10 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         kwargs["tie_embeddings"] = args.tie_embeddings
     if args.dtype:
         kwargs["dtype"] = getattr(torch, args.dtype)
-    base_dir, instruct_dir = write_pair(args.out_dir, **kwargs)
+    try:
+        base_dir, instruct_dir = write_pair(args.out_dir, **kwargs)
+    except ValueError as error:  # a size or choice that cannot make a pair: one line
+        parser.error(str(error))
     print(base_dir)
     print(instruct_dir)
     if args.yaml:
