@@ -6,7 +6,8 @@ sequence and a section that silently relied on a previous section's output folde
 fails. Hub ids are replaced by the local pair in the one way README.md states: a Base
 model becomes ./pair/base, every other model ./pair/instruct (in the blocks and in the
 config files they name). The blocks or lines that do not run here are listed in SKIPPED
-with the reason; any other block runs, so a new example is never silently left out.
+and SKIPPED_SECTIONS with the reason; any other block runs, so a new example is never
+silently left out. About ten CLI runs on a tiny pair: the slowest test of its file.
 Everything an example writes must be covered by .gitignore.
 """
 
@@ -41,18 +42,27 @@ SKIPPED = {
     "pip install .": "the test runs the installed package (tests/test_wheel.py builds and installs it)",
     "scripts/sample.py": "needs a prompt file and a trained model: tests/test_sample_script.py",
     "mergekit-timber passk": "needs sampled records: tests/test_passk.py",
-    "scripts/toy_study.sh": "trains a toy pair for minutes: tests/test_toy.py",
 }
 
 
-def code_blocks(text):
-    """(language, body, line number) of each fenced block, in order."""
-    found, lines, k = [], text.splitlines(), 0
+# Whole sections whose examples do not run here.
+SKIPPED_SECTIONS = {
+    "Timber on a trained toy pair": "trains a toy pair for minutes: tests/test_toy.py",
+    "Speed and memory": "the benchmark runs for about 20 minutes: tests/test_bench_floor.py runs a piece",
+}
+
+
+def code_blocks(text, with_sections=False):
+    """(language, body, line number[, section heading]) of each fenced block, in order."""
+    found, lines, k, section = [], text.splitlines(), 0, ""
     while k < len(lines):
+        if lines[k].startswith("#"):
+            section = lines[k].lstrip("#").strip()
         if lines[k].startswith("```"):
             lang, start = lines[k][3:].strip(), k
             end = next(j for j in range(k + 1, len(lines)) if lines[j].startswith("```"))
-            found.append((lang, "\n".join(lines[k + 1 : end]) + "\n", start + 1))
+            block = (lang, "\n".join(lines[k + 1 : end]) + "\n", start + 1)
+            found.append(block + (section,) if with_sections else block)
             k = end
         k += 1
     return found
@@ -93,15 +103,15 @@ def test_readme_examples_run_in_order(tmp_path):
     before = set(os.listdir(repo))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # python = this venv's
-    blocks = code_blocks(README.read_text())
+    blocks = code_blocks(README.read_text(), with_sections=True)
     ran, skipped, shown = [], [], None
-    for lang, body, line in blocks:
+    for lang, body, line, section in blocks:
         if lang == "text" and shown is not None:  # the output printed by the block above
             assert shown.rstrip("\n") == body.rstrip("\n"), f"README line {line}: the block above prints\n{shown}"
         shown = None
         if lang not in ("bash", "python"):
             continue
-        reason = skip_reason(body) if lang == "python" else None
+        reason = SKIPPED_SECTIONS.get(section) or (skip_reason(body) if lang == "python" else None)
         if reason:
             skipped.append((line, reason))
             continue
@@ -126,9 +136,10 @@ def test_readme_examples_run_in_order(tmp_path):
         ran.append(line)
         shown = proc.stdout if lang == "python" else None
 
+    print("README blocks run (line):", ran, "\nskipped (line, why):", *skipped, sep="\n  ")  # pytest -rP shows it
     assert len(ran) >= 6, ran  # local pair, chat, real pair, API, chain, tools
     # The recipe README.md shows is the one `mergekit-timber recipe` wrote.
-    (shown_recipe,) = [b for lang, b, _ in blocks if lang == "yaml" and "lambda: 0.8" in b and "---" not in b]
+    (shown_recipe,) = [b for lang, b, _, _ in blocks if lang == "yaml" and "lambda: 0.8" in b and "---" not in b]
     assert localize(shown_recipe) == (repo / "timber.yml").read_text()
     # Each example wrote its own folder, and every one exists.
     for path in ("out-local/model.safetensors", "qwen3-0.6b-timber/model.safetensors",
