@@ -188,12 +188,13 @@ def durations(out: Path, setup: bool) -> None:
         ]
         for label, command in steps:
             _timed(rows, label, command, repo, env)
-    # Always in seconds: a unit that changed with the value would break the tolerance check.
-    lines = ["| command | wall time |", "|---|---|"]
-    lines += [f"| {label} | {seconds:.0f} s |" for label, _, seconds in rows]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(out.read_text(), end="")
+        # Always in seconds: a unit that changed with the value would break the tolerance check.
+        lines = ["| command | wall time |", "|---|---|"]
+        lines += [f"| {label} | {seconds:.0f} s |" for label, _, seconds in rows]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+        print(out.read_text(), end="", flush=True)
+        print("[durations] removing the temporary copy (its fresh venv: a minute or so)", flush=True)
 
 
 # --------------------------------------------------------------------------- main
