@@ -64,7 +64,8 @@ def test_recipe_hub_ids_and_defaults(pair):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("./nowhere", "Qwen/Qwen3-0.6B"), "base model './nowhere': no such directory (nor a Hub id: those read org/name)"),
+        (("./nowhere", "Qwen/Qwen3-0.6B"), "base model './nowhere': no such directory ("),
+        (("a/b/c", "Qwen/Qwen3-0.6B"), "base model 'a/b/c': no such directory ("),
         (("Qwen/a", "Qwen/b", "--method", "timber_l", "--lambda", "0.3"), "timber_l: parameter lambda is not accepted"),
         (("Qwen/a", "Qwen/b", "--lambda", "1.5"), "timber: lambda must lie in [0, 1]; got 1.5"),
     ],

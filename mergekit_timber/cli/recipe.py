@@ -18,21 +18,19 @@ def model_ref(ref: str, role: str) -> str:
     A bare relative path (`pair/base`) is written `./pair/base`: mergekit's card step (in a
     non-Timber step of a chain) would otherwise ask the Hub about it.
     """
-    from mergekit_timber.checkpoint import looks_like_hub_id
+    from mergekit_timber.checkpoint import resolve_model
     from mergekit_timber.errors import TimberInputError
 
+    # The merge's own rule (a directory, else a Hub id); a Hub id is not fetched here.
+    resolve_model(ref, role, fetch=lambda: ref)
     path = Path(ref).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise TimberInputError(f"{role} {ref!r} is a directory without config.json, not a model")
-        if ref.startswith("~"):
-            return str(path.resolve())
-        return ref if path.is_absolute() or ref.startswith(("./", "../")) else "./" + ref
-    if path.exists():
-        raise TimberInputError(f"{role} {ref!r} is not a directory")
-    if not looks_like_hub_id(ref):
-        raise TimberInputError(f"{role} {ref!r}: no such directory (nor a Hub id: those read org/name)")
-    return ref
+    if not path.is_dir():
+        return ref  # a Hub id
+    if not (path / "config.json").is_file():
+        raise TimberInputError(f"{role} {ref!r} is a directory without config.json, not a model")
+    if ref.startswith("~"):
+        return str(path.resolve())
+    return ref if path.is_absolute() or ref.startswith(("./", "../")) else "./" + ref
 
 
 def render(base: str, instruct: str, method: str, lam) -> str:
