@@ -48,6 +48,42 @@ def add_explainer(explain) -> None:
         _EXPLAINERS.append(explain)
 
 
+# The merge methods this package adds, and mergekit 0.1.5's message for a name it does not
+# know (mergekit.merge_methods.registry.get); if that text changes, the hint is just not given.
+TIMBER_METHODS = ("timber", "timber_l")
+_UNKNOWN_METHOD = "Unimplemented merge method "
+
+
+def explain_unknown_method(error, trace):
+    """`merge_method: timbre` -> one line with "did you mean 'timber'?".
+
+    Only when mergekit rejects a method name whose closest registered method is one of
+    ours; any other unknown name (`tie`, `foo`) keeps mergekit's traceback untouched.
+    """
+    import difflib
+
+    message = str(error)
+    if not isinstance(error, RuntimeError) or not message.startswith(_UNKNOWN_METHOD):
+        return None
+    name = message[len(_UNKNOWN_METHOD) :].strip()
+    try:
+        from mergekit import merge_methods
+
+        known = [method.spec.name for method in merge_methods.registered_methods()]
+    except Exception:  # pragma: no cover - the registry moved: fall back to ours only
+        known = list(TIMBER_METHODS)
+    closest = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.75)
+    if not closest or closest[0] not in TIMBER_METHODS:
+        return None
+    return TimberConfigError(
+        f"unknown merge_method {name!r}; did you mean {closest[0]!r}? "
+        f"(mergekit-timber adds {' and '.join(TIMBER_METHODS)}; `mergekit-timber --help` shows a recipe)"
+    )
+
+
+add_explainer(explain_unknown_method)
+
+
 def install_excepthook() -> None:
     """Print our own input errors as one line instead of a traceback.
 

@@ -2,7 +2,8 @@
 
 No Hub access is needed: the pair is synthetic (a 4-layer Qwen3-architecture model
 with tied embeddings, bf16, whose Instruct differs from its Base by a delta with a
-decaying spectrum). `mergekit-timber analyze` first reports what Timber will do to
+decaying spectrum; as in real pairs only the Instruct has a chat template and ends a
+turn with <|im_end|>). `mergekit-timber analyze` first reports what Timber will do to
 each matrix; the merge then runs through the unmodified `mergekit-yaml` CLI with
 `merge_method: timber`, and the output is checked against the Base and Instruct.
 
@@ -69,6 +70,11 @@ def main() -> int:
     moved = (merged[name].double() - instruct[name].double()).norm() / d.norm()
     print(f"    {refined} matrices refined (each equals the kernel's result), {kept} 1-D tensors kept from Instruct")
     print(f"    {name}: Timber moved it by {moved:.1%} of ||W_I - W_B|| back toward Base")
+    from transformers import AutoTokenizer
+
+    chat = [{"role": "user", "content": "What is 2+3?"}]
+    prompt = AutoTokenizer.from_pretrained(out).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    print(f"    the output chats like the Instruct (its tokenizer and template; the Base has none): {prompt!r}")
     print(f"    model card: {out / 'README.md'}; analysis: {analysis}/erank.csv and plots")
     print(f"done: the Timber model is in {out}")
     return 0

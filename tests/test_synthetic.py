@@ -240,3 +240,77 @@ def test_mergekit_linear_merge(pairs, arch, tmp_path):
     for name, tensor in merged.state_dict().items():
         torch.testing.assert_close(tensor, (b[name] + i[name]) / 2, atol=1e-6, rtol=0)
     assert yaml.safe_load((out / "mergekit_config.yml").read_text())["merge_method"] == "linear"
+
+
+def test_base_and_instruct_files_differ_as_in_real_pairs(pairs):
+    """Same vocabulary; only the Instruct chats (template, <|im_end|> eos, sampling defaults)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    base, instruct = pairs["qwen3"]
+    b_tok, i_tok = AutoTokenizer.from_pretrained(base), AutoTokenizer.from_pretrained(instruct)
+    assert b_tok.get_vocab() == i_tok.get_vocab()
+    assert (b_tok.eos_token, i_tok.eos_token) == ("<|endoftext|>", "<|im_end|>")
+    assert b_tok.chat_template is None and not (base / "chat_template.jinja").exists()
+    chat = [{"role": "user", "content": "What is 2+3?"}]
+    prompt = i_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    b_cfg, i_cfg = AutoConfig.from_pretrained(base), AutoConfig.from_pretrained(instruct)
+    assert (b_cfg.eos_token_id, i_cfg.eos_token_id) == (b_tok.eos_token_id, i_tok.eos_token_id) == (1, 3)
+    b_gen, i_gen = GenerationConfig.from_pretrained(base), GenerationConfig.from_pretrained(instruct)
+    assert b_gen.eos_token_id == 1 and i_gen.eos_token_id == [3, 1] and i_gen.do_sample and not b_gen.do_sample
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert (base / name).read_bytes() != (instruct / name).read_bytes(), name
+
+
+def test_tokenizer_encodes_plain_english(pairs):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pairs["llama"][1])
+    text = "What is 2+3? Hello, world! Timber refines an instruct model; café, naïve, 100%."
+    ids = tok(text).input_ids
+    assert tok.unk_token_id not in ids and len(ids) < len(text.encode()) / 2  # merges, not bytes only
+    assert tok.decode(ids) == text
+    assert len(tok("What is 2+3?").input_ids) <= 8
+
+
+def test_tokenizer_is_the_same_in_every_process(tmp_path):
+    """Trained at build time, so it must not depend on hashing seeds or threads."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = "import hashlib; from mergekit_timber.testing import synthetic as s; print(hashlib.sha256(s._tokenizer_json(600).encode()).hexdigest())"
+    runs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env=dict(os.environ, PYTHONHASHSEED=str(k), RAYON_NUM_THREADS=str(k + 1))).stdout
+        for k in range(2)
+    }  # fmt: skip
+    assert runs == {hashlib.sha256(synthetic._tokenizer_json(600).encode()).hexdigest() + "\n"}
+
+
+def test_vocab_sizes(tmp_path):
+    from transformers import AutoTokenizer
+
+    base, _ = write_pair(tmp_path / "big", arch="llama", layers=1, hidden=16, intermediate=16, heads=2,
+                         kv_heads=1, head_dim=8, vocab=3000)  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(base)
+    assert len(tok) == 3000 and tok.convert_ids_to_tokens(2999).startswith("<|extra_")
+    with pytest.raises(ValueError, match="vocab must be at least 260"):
+        write_pair(tmp_path / "small", vocab=100)
+    assert not (tmp_path / "small").exists()
+
+
+def test_same_files_on_request(tmp_path):
+    base, instruct = write_pair(tmp_path, arch="llama", layers=1, distinct_files=False)
+    names = sorted(p.name for p in instruct.iterdir() if p.suffix != ".safetensors")
+    assert names == sorted(p.name for p in base.iterdir() if p.suffix != ".safetensors")
+    assert all((base / n).read_bytes() == (instruct / n).read_bytes() for n in names)
+    write_pair(tmp_path, arch="llama", layers=1)  # back to distinct: no stale template in Base
+    assert not (base / "chat_template.jinja").exists()
+
+
+def test_cli_refuses_a_too_small_vocab_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        synthetic.main([str(tmp_path / "p"), "--vocab", "100"])
+    assert exit_.value.code == 2 and "error: vocab must be at least 260" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

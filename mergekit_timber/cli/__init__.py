@@ -22,6 +22,10 @@ COMMANDS = {
         "mergekit_timber.cli.dequantize:dequantize",
         "Write a block-FP8 or MXFP4 checkpoint as bf16 (shard by shard), for merging.",
     ),
+    "recipe": (
+        "mergekit_timber.cli.recipe:recipe",
+        "Print a ready Timber YAML for a Base/Instruct pair (local dirs or Hub ids).",
+    ),
     "passk": (
         "mergekit_timber.cli.passk:passk",
         "Pass@k curves with bootstrap intervals from per-sample records.",
@@ -47,7 +51,33 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mergekit-timber")
 def main() -> None:
-    """Tools around Timber merges (the merge itself runs with `mergekit-yaml`)."""
+    """Tools around Timber merges; the merge itself runs with mergekit's own CLIs.
+
+    mergekit-timber adds two merge methods to mergekit (mergekit-yaml, mergekit-multi,
+    run_merge), for an Instruct model and its own Base (arXiv 2509.23595):
+
+    \b
+      timber     keep the top ceil(eRank) singular directions of each W_I - W_B,
+                 scale the rest by lambda
+      timber_l   the same with the rest dropped (lambda = 0; takes no lambda)
+
+    \b
+    Parameters (globally under parameters:, or under the Instruct's entry):
+      lambda             timber only; 0 <= lambda <= 1, default 0.2
+      refine_embeddings  true (default) / false: embeddings, lm_head from the Instruct
+      rank_ratio         ablation: keep ceil(rank_ratio * rank) components
+      energy             ablation: keep the head holding this share of sum(S^2)
+
+    \b
+    A minimal recipe (`mergekit-timber recipe BASE INSTRUCT` prints one):
+      merge_method: timber
+      base_model: Qwen/Qwen3-0.6B-Base
+      models:
+        - model: Qwen/Qwen3-0.6B
+      parameters:
+        lambda: 0.2
+    then: mergekit-yaml timber.yml out/   (the output is a drop-in Instruct model)
+    """
     from mergekit_timber.errors import install_excepthook
 
     install_excepthook()  # bad input prints as one line (MERGEKIT_TIMBER_TRACEBACK=1: tracebacks)

@@ -2,10 +2,12 @@
 
 `write_pair` writes two Hugging Face model directories, ``<out>/base`` and
 ``<out>/instruct``, each holding a real transformers ``config.json``, a
-``generation_config.json``, a small word-level tokenizer and the weights in
+``generation_config.json``, a tokenizer (a byte-level BPE trained on the small bundled
+English text ``english.txt``, so plain English encodes) and the weights in
 safetensors, with exactly the tensor names and shapes that transformers'
 ``save_pretrained`` writes for the architecture (``llama``, ``qwen3`` or
-``qwen3_moe``).
+``qwen3_moe``). As in real pairs, only the Instruct has a chat template and ends a turn
+with ``<|im_end|>``; the Base ends documents with ``<|endoftext|>``.
 
 Weights are never held as a model: they are generated tensor by tensor from
 per-tensor seeds and streamed straight into the safetensors files of both models
@@ -39,6 +41,7 @@ prints the base and instruct directories (one per line).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -375,64 +378,77 @@ def _stream_weights(
 
 # --------------------------------------------------------------------------- config & tokenizer
 
+# Special tokens first, at fixed ids (0..3) whatever the vocabulary size.
 _SPECIAL_TOKENS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-_WORDS = (
-    "the of and to a in is it you that he was for on are with as i his they be at one have "
-    "this from or had by hot word but what some we can out other were all there when up use "
-    "your how said an each she which do their time if will way about many then them write "
-    "would like so these her long make thing see him two has look more day could go come did "
-    "number sound no most people my over know water than call first who may down side been "
-    "now find any new work part take get place made live where after back little only round "
-    "man year came show every good me give our under name very through just form sentence "
-    "great think say help low line differ turn cause much mean before move right boy old too "
-    "same tell does set three want air well also play small end put home read hand port large "
-    "spell add even land here must big high such follow act why ask men change went light "
-    "kind off need house picture try us again animal point mother world near build self earth "
-    "father head stand own page should country found answer school grow study still learn "
-    "plant cover food sun four between state keep eye never last let thought city tree cross "
-    "farm hard start might story saw far sea draw left late run while press close night real "
-    "life few north user assistant system hello world question model merge base instruct"
-).split()
-_PUNCT = list(".,!?;:'\"()-") + [str(d) for d in range(10)]
+END_OF_TEXT, END_OF_TURN = "<|endoftext|>", "<|im_end|>"
+# The byte-level BPE is trained on this small English text (shipped in the package).
+TOKENIZER_TEXT = Path(__file__).with_name("english.txt")
+MIN_VOCAB = len(_SPECIAL_TOKENS) + 256  # special tokens + the 256 byte symbols
+# Qwen-style chat template: one <|im_start|>role ... <|im_end|> block per turn.
 _CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' + message['content']"
-    " + ' <|im_end|> ' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 
-def _tokenizer_vocab(vocab: int) -> Dict[str, int]:
-    words: List[str] = []
-    seen = set()
-    for w in _SPECIAL_TOKENS + _PUNCT + _WORDS:
-        if w not in seen:
-            seen.add(w)
-            words.append(w)
-    words = words[:vocab]
-    words += [f"<|extra_{k}|>" for k in range(vocab - len(words))]
-    return {w: k for k, w in enumerate(words)}
+def _check_vocab(vocab: int) -> None:
+    if vocab < MIN_VOCAB:
+        raise ValueError(f"vocab must be at least {MIN_VOCAB} (4 special tokens + 256 bytes), not {vocab}")
 
 
-def _write_tokenizer(
-    model_dir: Path, vocab: int, *, eos_token: str = "<|im_end|>", chat_template: Optional[str] = _CHAT_TEMPLATE
-) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def _token_id(token: str) -> int:
+    return _SPECIAL_TOKENS.index(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json(vocab: int) -> str:
+    """A byte-level BPE of exactly `vocab` ids, trained on TOKENIZER_TEXT (deterministic).
+
+    The trainer stops when the text has no pair left to merge (about 1100 tokens); the
+    remaining ids up to `vocab` are unused `<|extra_k|>` entries, so the tokenizer and the
+    model's embedding table have the same size, as in real checkpoints.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    _check_vocab(vocab)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TOKENIZER_TEXT.read_text(encoding="utf-8").splitlines(keepends=True), trainer)
+    data = json.loads(tok.to_str())
+    table = data["model"]["vocab"]
+    for k in range(vocab - len(table)):
+        table[f"<|extra_{k}|>"] = len(table)
+    assert sorted(table.values()) == list(range(vocab))
+    assert all(table[t] == k for k, t in enumerate(_SPECIAL_TOKENS))
+    return json.dumps(data, ensure_ascii=False)
+
+
+def _write_tokenizer(model_dir: Path, vocab: int, *, instruct: bool) -> None:
+    """The Instruct's tokenizer ends a turn with <|im_end|> and has a chat template; the Base's
+    ends documents with <|endoftext|> and has none (same vocabulary, as in real pairs)."""
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    if vocab < len(_SPECIAL_TOKENS):
-        raise ValueError(f"vocab must be at least {len(_SPECIAL_TOKENS)}")
-    tok = Tokenizer(models.WordLevel(vocab=_tokenizer_vocab(vocab), unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab)),
+        bos_token=None,
+        eos_token=END_OF_TURN if instruct else END_OF_TEXT,
+        pad_token=END_OF_TEXT,
         unk_token="<unk>",
-        bos_token="<|endoftext|>",
-        eos_token=eos_token,
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-        model_max_length=4096,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"] if not instruct else ["<|im_start|>"],
+        model_max_length=8192 if instruct else 4096,
     )
-    if chat_template:
-        fast.chat_template = chat_template
+    if instruct:
+        fast.chat_template = _CHAT_TEMPLATE
     fast.save_pretrained(str(model_dir))
 
 
@@ -453,7 +469,6 @@ def _build_config(
 ):
     from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
-    ids = _tokenizer_vocab(min(vocab, 64))
     common = dict(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -465,9 +480,9 @@ def _build_config(
         tie_word_embeddings=tie,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=_token_id(END_OF_TEXT),
+        eos_token_id=_token_id(END_OF_TURN),
+        pad_token_id=_token_id(END_OF_TEXT),
     )
     if arch == "llama":
         cfg = LlamaConfig(**common)
@@ -514,7 +529,7 @@ def write_pair(
     spectrum: str = "decay",
     moe_layout: str = "per_expert",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    distinct_files: bool = False,
+    distinct_files: bool = True,
 ) -> Tuple[Path, Path]:
     """Write a synthetic Base/Instruct pair under `out_dir`; return (base_dir, instruct_dir).
 
@@ -525,12 +540,12 @@ def write_pair(
     (rank <= 8, ~1/sqrt(i), no tail) or "flat" (i.i.d. Gaussian).
     Files in the two directories are overwritten (old weight files are removed).
 
-    By default both models carry the same config, generation config and tokenizer.
-    `distinct_files=True` makes them differ as real Base/Instruct pairs do (Qwen3-8B-Base
-    vs Qwen3-8B): the Base has eos ``<|endoftext|>``, no chat template and a plain
-    generation config; the Instruct has eos ``<|im_end|>``, twice the
+    The files around the weights differ as in real Base/Instruct pairs (Qwen3-8B-Base
+    vs Qwen3-8B): same vocabulary (a byte-level BPE of `vocab` ids), but the Base has
+    eos ``<|endoftext|>``, no chat template and a plain generation config; the Instruct has eos ``<|im_end|>``, twice the
     ``max_position_embeddings``, a chat template and a generation config with two stop
-    ids and sampling defaults. The weights are the same either way.
+    ids and sampling defaults. `distinct_files=False` gives the Base the Instruct's
+    files instead. The weights are the same either way.
     """
     _check_arch(arch)
     if spectrum not in SPECTRA:
@@ -543,6 +558,7 @@ def write_pair(
         raise ValueError("all sizes must be positive")
     if heads % kv_heads:
         raise ValueError("heads must be a multiple of kv_heads")
+    _check_vocab(vocab)
     if arch == "qwen3_moe" and min(experts, moe_intermediate) < 1:
         raise ValueError("experts and moe_intermediate must be positive")
     tie = _default_tie(arch) if tie_embeddings is None else bool(tie_embeddings)
@@ -568,45 +584,37 @@ def write_pair(
 
     _stream_weights((base_dir, instruct_dir), specs, values, dtype, max_shard_bytes)
 
-    from transformers import GenerationConfig
-
-    gen_cfg = GenerationConfig(
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
-    )
-    if distinct_files:
-        _write_distinct_files(base_dir, instruct_dir, cfg, vocab)
-        return base_dir, instruct_dir
-    _write_tokenizer(base_dir, vocab)
-    for d in (base_dir, instruct_dir):
-        cfg.save_pretrained(str(d))
-        gen_cfg.save_pretrained(str(d))
-    for f in base_dir.iterdir():  # same tokenizer in both
-        if f.name.startswith(("tokenizer", "special_tokens_map", "chat_template")):
-            shutil.copyfile(f, instruct_dir / f.name)
+    _write_files(base_dir, instruct_dir, cfg, vocab, distinct=distinct_files)
     return base_dir, instruct_dir
 
 
-def _write_distinct_files(base_dir: Path, instruct_dir: Path, cfg, vocab: int) -> None:
-    """Base and Instruct files that differ as in real pairs (see write_pair)."""
+def _write_files(base_dir: Path, instruct_dir: Path, cfg, vocab: int, *, distinct: bool) -> None:
+    """config.json, generation_config.json and tokenizer of both models (see write_pair)."""
     import copy
 
     from transformers import GenerationConfig
 
-    ids = _tokenizer_vocab(min(vocab, 64))
-    end_of_text, end_of_turn = ids["<|endoftext|>"], ids["<|im_end|>"]
-    base_cfg, instruct_cfg = copy.deepcopy(cfg), copy.deepcopy(cfg)
-    base_cfg.eos_token_id = end_of_text
+    end_of_text, end_of_turn = _token_id(END_OF_TEXT), _token_id(END_OF_TURN)
+    instruct_cfg = copy.deepcopy(cfg)
     instruct_cfg.eos_token_id = end_of_turn
     instruct_cfg.max_position_embeddings = 2 * cfg.max_position_embeddings
-    base_cfg.save_pretrained(str(base_dir))
     instruct_cfg.save_pretrained(str(instruct_dir))
-    GenerationConfig(bos_token_id=end_of_text, eos_token_id=end_of_text).save_pretrained(str(base_dir))
     GenerationConfig(
         bos_token_id=end_of_text, eos_token_id=[end_of_turn, end_of_text], pad_token_id=end_of_text,
         do_sample=True, temperature=0.6, top_p=0.95, top_k=20,
     ).save_pretrained(str(instruct_dir))  # fmt: skip
-    _write_tokenizer(base_dir, vocab, eos_token="<|endoftext|>", chat_template=None)
-    _write_tokenizer(instruct_dir, vocab)
+    _write_tokenizer(instruct_dir, vocab, instruct=True)
+    if not distinct:  # the Base gets the Instruct's files
+        for f in instruct_dir.iterdir():
+            if f.suffix in (".json", ".jinja") and not f.name.startswith("model"):  # not the weight index
+                shutil.copyfile(f, base_dir / f.name)
+        return
+    base_cfg = copy.deepcopy(cfg)
+    base_cfg.eos_token_id = end_of_text
+    base_cfg.save_pretrained(str(base_dir))
+    GenerationConfig(bos_token_id=end_of_text, eos_token_id=end_of_text).save_pretrained(str(base_dir))
+    _write_tokenizer(base_dir, vocab, instruct=False)
+    (base_dir / "chat_template.jinja").unlink(missing_ok=True)  # left by an earlier distinct_files=False
 
 
 def write_timber_yaml(
@@ -697,7 +705,10 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         kwargs["tie_embeddings"] = args.tie_embeddings
     if args.dtype:
         kwargs["dtype"] = getattr(torch, args.dtype)
-    base_dir, instruct_dir = write_pair(args.out_dir, **kwargs)
+    try:
+        base_dir, instruct_dir = write_pair(args.out_dir, **kwargs)
+    except ValueError as error:  # a size or choice that cannot make a pair: one line
+        parser.error(str(error))
     print(base_dir)
     print(instruct_dir)
     if args.yaml:

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Rerun the command of every README figure block and compare its output with the README
+# (see scripts/check_readme.py: --list, --only TEXT, --update). Slow: each block reruns
+# its command (the durations block includes a fresh set-up, about 5 minutes). Not CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${VENV:-.venv}/bin/python"
+[ -x "$PY" ] || PY=python3
+exec "$PY" scripts/check_readme.py "$@"
