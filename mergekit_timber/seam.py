@@ -36,7 +36,7 @@ from typing import Iterable, List, Optional
 
 import mergekit.merge as _merge
 
-from mergekit_timber import finite, preflight
+from mergekit_timber import finite, hub_layout, preflight
 from mergekit_timber.checkpoint import looks_like_hub_id
 from mergekit_timber.errors import (
     TimberOutputError,
@@ -216,7 +216,9 @@ def write_merge(
         inner_config = inner_config.model_copy(update={"merge_method": run_as})
     inner_options = options.model_copy(update={"copy_tokenizer": False, "write_model_card": False})
     try:
-        _original("run_merge")(inner_config, str(stage), options=inner_options)
+        # issue 19 hook: tensors are written under the Instruct checkpoint's own names (hub_layout).
+        with hub_layout.written_like_instruct(instruct_dir(config, options), [stage], trust_remote_code=options.trust_remote_code):
+            _original("run_merge")(inner_config, str(stage), options=inner_options)
     except OSError as error:
         raise TimberOutputError(f"writing the merged model failed: {_reason(error)}") from error
     finite.check_written(stage)

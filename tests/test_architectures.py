@@ -19,6 +19,7 @@ import torch
 import transformers as T
 
 from helpers import load_dir, run_cli, write_yaml
+from mergekit_timber.checkpoint import Checkpoint
 from oracle import timber_matrix, with_spectrum
 
 LAM = 0.2
@@ -132,6 +133,26 @@ def build_pair(arch: str, root):
     return cls, base, instruct
 
 
+def stored(model_dir) -> dict:
+    """{name: (shape, dtype)} of a checkpoint as stored, from its safetensors headers."""
+    with Checkpoint(model_dir, "model") as checkpoint:
+        return {name: checkpoint.info(name) for name in checkpoint.names()}
+
+
+def assert_stored_tensors_match_oracle(base_dir, instruct_dir, out_dir) -> None:
+    """Tensor by tensor as stored: a stored matrix (per-expert ones included) is the
+    oracle on the stored Base/Instruct matrices; 1-D tensors are the Instruct's. Stacked
+    and fused stored tensors are checked per forward map on the loaded model (below)."""
+    base, instruct, got = (load_dir(d) for d in (base_dir, instruct_dir, out_dir))
+    for name, wi in instruct.items():
+        if not refined(name, wi):
+            assert torch.equal(got[name], wi), name
+        elif wi.ndim == 2:
+            want = timber_matrix(base[name], wi, LAM)[0].to(DTYPE)
+            differ = float((got[name] != want).float().mean())
+            assert differ <= BF16_TOLERANCE, f"{name}: {differ:.2%} of elements differ from the oracle"
+
+
 def load(cls, path):
     model, info = cls.from_pretrained(path, dtype=DTYPE, output_loading_info=True)
     return model.eval(), info
@@ -147,7 +168,11 @@ def test_timber_splits_what_the_forward_uses(arch, tmp_path):
     out = tmp_path / "out"
     run_cli("mergekit-yaml", cfg, out)
 
+    # Drop-in by its weights too: exactly the Instruct checkpoint's names, shapes and dtypes
+    # (per-expert where it is per-expert, stacked where stacked, renamed back).
+    assert stored(out) == stored(instruct_dir)
     assert {t.dtype for t in load_dir(out).values() if t.is_floating_point()} == {DTYPE}
+    assert_stored_tensors_match_oracle(base_dir, instruct_dir, out)
     merged, info = load(cls, out)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ids = torch.arange(2 * 5).reshape(2, 5) % merged.config.get_text_config().vocab_size
