@@ -13,6 +13,7 @@ and run a finite forward pass.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -260,10 +261,11 @@ def test_split_and_restore_are_inverse_and_slice_like_the_forward(layout_name, s
         assert torch.equal(stack[j], want), (part, e)
 
 
-@pytest.mark.parametrize("arch", ["llama4", "granitemoehybrid", "qwen3_moe", "llama"])
+@pytest.mark.parametrize("arch", ["llama4", "granitemoehybrid", "qwen3_moe", "mixtral", "glm4_moe", "llama"])
 def test_analyze_uses_the_same_split(arch, tmp_path):
     """analyze reads checkpoints as stored (per-expert Hub tensors, Granite's input_linear,
-    Llama 4's [E, H, 2I]) and gives one row per linear map of the forward, as the merge."""
+    Llama 4's [E, H, 2I]) and gives one row per linear map of the forward, as the merge;
+    every row is labelled with the Instruct checkpoint's own tensor name and expert."""
     from mergekit_timber import analysis as an
     from oracle import erank
 
@@ -286,5 +288,12 @@ def test_analyze_uses_the_same_split(arch, tmp_path):
                             forward_maps(arch, name, wi).values())
     )
     assert sorted(r["erank_delta"] for r in rows) == pytest.approx(want, rel=1e-6)
+    for r in rows:
+        assert r["tensor"] in on_disk, r["tensor"]
+        per_expert = re.search(r"\.experts\.(\d+)\.", r["tensor"])
+        if per_expert:  # Qwen3-MoE experts.{e}.gate_proj, Mixtral block_sparse_moe.experts.{e}.w1
+            assert r["expert"] == int(per_expert.group(1)) and an.matrix_label(r) == r["tensor"], r
+    experts = {r["tensor"] for r in rows if r["expert"] is not None}
+    assert experts or arch == "llama"
     vocab = {r["tensor"] for r in rows} - {r["tensor"] for r in no_vocab}
     assert vocab and all("embed" in n or "lm_head" in n for n in vocab), vocab
