@@ -82,9 +82,12 @@ class InstructLayout:
             model_type = None
         config = None
         if model_type and _reverse_mapping(model_type) != ([], []):
-            from transformers import AutoConfig  # ops such as Chunk(num_shards_attribute) read it
+            from transformers import AutoConfig  # a few ops read it (Chunk(num_shards_attribute))
 
-            config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+            try:
+                config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+            except Exception as error:  # noqa: BLE001 - the common ops need none
+                LOG.debug("no transformers config for %s: %s", directory, error)
         return cls(stored, model_type, config, source=str(directory))
 
     @property
