@@ -115,19 +115,25 @@ class InstructLayout:
             if any(p not in converter.collected_tensors for p in converter.source_patterns):
                 return []  # the other parts of this stored tensor come later
             del pending[renamed]
-            converted = converter.convert(renamed, config=self.config)
+            try:
+                converted = converter.convert(renamed, model=_StoredShapes(self), config=self.config)
+            except Exception as error:  # one line naming the tensor, not transformers' traceback
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise TimberOutputError(
+                    f"{name}: transformers' reverse conversion for {self.model_type} failed: {first}"
+                ) from error
             pieces = [
                 (apply_renamings(key, self.renamings), value[0] if isinstance(value, list) else value)
                 for key, value in converted.items()
             ]
-        if pieces != [(name, tensor)]:
+        if not unchanged(pieces, name, tensor):
             for piece, value in pieces:
                 self._check(name, piece, tuple(value.shape))
         return pieces
 
     def _check(self, merged: str, piece: str, shape: Tuple[int, ...]) -> None:
-        want = self.stored.get(piece, self.templates.get(_layer_template(piece), "absent"))
-        if want == "absent":
+        want = self.stored.get(piece, self.templates.get(_layer_template(piece), _ABSENT))
+        if want is _ABSENT:
             problem = "a tensor the Instruct checkpoint does not store"
         elif want is not None and tuple(want) != shape:
             problem = f"shape {list(shape)} where the Instruct checkpoint stores {list(want)}"
@@ -137,6 +143,28 @@ class InstructLayout:
             f"{merged}: transformers' reverse conversion for {self.model_type} writes it as {piece}, "
             f"{problem} ({self.source}); the output would not load where the Instruct model does"
         )
+
+
+_ABSENT = object()
+
+
+class _StoredShapes:
+    """What a reverse op asks the model for (`get_parameter(name).shape`, e.g. Transpose
+    with check_dims), answered with the Instruct checkpoint's stored shape of `name`."""
+
+    def __init__(self, layout: InstructLayout):
+        self.layout = layout
+
+    def get_parameter(self, name: str):
+        shape = self.layout.stored.get(name) or self.layout.templates.get(_layer_template(name))
+        if shape is None:
+            raise AttributeError(f"the Instruct checkpoint stores no {name} (or its shape is unknown)")
+        return torch.empty(shape, device="meta")
+
+
+def unchanged(pieces: Sequence[Tuple[str, torch.Tensor]], name: str, tensor: torch.Tensor) -> bool:
+    """Whether `pieces` is `tensor` itself under `name` (no reversal applied)."""
+    return len(pieces) == 1 and pieces[0][0] == name and pieces[0][1] is tensor
 
 
 def _reverse_mapping(model_type: Optional[str]):
@@ -215,7 +243,7 @@ def install() -> bool:
         with target.lock:
             pieces = target.layout.revert(name, tensor, target.pending)
             target.written.update(piece for piece, _ in pieces)
-        split = pieces != [(name, tensor)]
+        split = not unchanged(pieces, name, tensor)
         for piece, value in pieces:
             # Pieces are views of one merged tensor where they can be: safetensors writes
             # each view's bytes only; a pickled shard would store the whole storage.

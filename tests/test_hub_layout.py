@@ -218,3 +218,19 @@ def test_writers_of_other_directories_are_mergekit_s(tmp_path):
     assert set(stored(registered)) == {f"model.layers.0.mlp.experts.{e}.{p}.weight"
                                        for e in range(4) for p in ("gate_proj", "up_proj")}
     assert not hub_layout._TARGETS  # nothing left registered
+
+
+def test_a_reverse_op_that_asks_the_model_gets_the_instruct_s_stored_shape():
+    """qwen3_vl_moe's reverse Transpose(check_dims) transposes only where the shape differs
+    from the parameter's: here the parameter is the Instruct's stored tensor, so a tensor in
+    the transformers layout [E, 2I, H] goes back to the stored [E, H, 2I]."""
+    from mergekit_timber.hub_layout import InstructLayout
+
+    layout = InstructLayout({"model.language_model.layers.0.mlp.experts.gate_up_proj": (4, 8, 6)}, "qwen3_vl_moe")
+    merged = torch.arange(4 * 6 * 8.0).reshape(4, 6, 8)
+    name = "model.language_model.layers.5.mlp.experts.gate_up_proj"  # a sliced merge renumbered it
+    ((piece, value),) = layout.revert(name, merged, {})
+    assert piece == name and torch.equal(value, merged.transpose(1, 2))
+    # already as stored: written as it is
+    ((piece, value),) = layout.revert(name, merged.transpose(1, 2).contiguous(), {})
+    assert value.shape == (4, 8, 6)
