@@ -234,3 +234,24 @@ def test_a_reverse_op_that_asks_the_model_gets_the_instruct_s_stored_shape():
     # already as stored: written as it is
     ((piece, value),) = layout.revert(name, merged.transpose(1, 2).contiguous(), {})
     assert value.shape == (4, 8, 6)
+
+
+def test_pickled_shards_hold_each_piece_once(tmp_path):
+    """--no-safe-serialization: a pickled shard would store the whole storage of every view,
+    so pieces of a split tensor are written as their own tensors."""
+    from mergekit.io.tensor_writer import TensorWriter
+    from mergekit_timber import hub_layout
+
+    _, instruct = write_pair(tmp_path / "pair", arch="qwen3_moe", layers=1, seed=1)
+    down = torch.randn(4, 64, 32).to(torch.bfloat16)  # [E, H, I]
+    out = tmp_path / "out"
+    with hub_layout.written_like_instruct(instruct, [out]):
+        writer = TensorWriter(str(out), max_shard_size=down[0].numel() * 2, safe_serialization=False)
+        writer.save_tensor("model.layers.0.mlp.experts.down_proj", down)  # one expert per shard
+        writer.finalize()
+    shards = sorted(out.glob("*.bin"))
+    assert len(shards) == 4
+    assert sum(s.stat().st_size for s in shards) < 2 * down.numel() * 2  # not 4 copies of the stack
+    got = {k: v for s in shards for k, v in torch.load(s, weights_only=True).items()}
+    assert sorted(got) == [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(4)]
+    assert all(torch.equal(got[f"model.layers.0.mlp.experts.{e}.down_proj.weight"], down[e]) for e in range(4))
