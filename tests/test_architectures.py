@@ -6,8 +6,11 @@ eRank means something), merged by the unmodified ``mergekit-yaml`` with ``timber
 and the output is compared with an oracle that decomposes the linear maps the
 forward pass uses: ``forward_maps`` below slices each parameter as the model class's
 forward does (read from transformers 5's modeling_<type>.py), independently of
-mergekit_timber.layout. The output must also load with no missing or unexpected keys
-and run a finite forward pass.
+mergekit_timber.layout. The output must also store exactly the Instruct checkpoint's
+tensor names, shapes and dtypes (transformers' save_pretrained writes the Hub layout:
+per-expert Qwen3-MoE, GLM-4-MoE and Mixtral experts, Mixtral's block_sparse_moe, stacked
+Llama 4 and Granite experts), load with no missing or unexpected keys and run a finite
+forward pass.
 """
 
 from __future__ import annotations
