@@ -88,7 +88,11 @@ RELIED_ON: Tuple[Relied, ...] = (
       why="the Timber model card is mergekit's card plus a table of files"),
     R("mergekit.card.method_md", "called", ("merge_method",), why="the card names the method as mergekit does"),
     R("mergekit.io.tensor_writer.TensorWriter", "called", ("out_path", "max_shard_size", "safe_serialization"),
-      attrs=("save_tensor", "finalize"), why="a sweep writes its extra outputs with mergekit's writer"),
+      attrs=("save_tensor", "finalize"),
+      why="a sweep writes its extra outputs with mergekit's writer; hub_layout wraps save_tensor "
+          "(self, name, tensor, clone) and checks that signature itself before wrapping"),
+    R("mergekit.io.ShardedTensorIndex", "class", attrs=("from_disk",),
+      why="hub_layout reads the tensor names of a pickled Instruct checkpoint"),
     R("mergekit.io.tasks.LoaderCache", "class", attrs=("trust_remote_code", "loaders", "get"),
       why="layout reads a model's config as mergekit's loaders do; block-FP8 models get a "
           "dequantizing loader in the class-level `loaders` dict for one merge (quantized.py)"),

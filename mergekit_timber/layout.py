@@ -21,7 +21,9 @@ The names and layouts are those mergekit 0.1.5 hands a merge method: mergekit re
 a tensor under the name its architecture lists, from the checkpoint as stored when
 the name is there, else converted to the transformers-5 model layout (per-expert Hub
 tensors become stacked ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj``
-[E, H, I]). Analyze reads checkpoints as stored: the same table covers both.
+[E, H, I]). Analyze reads checkpoints as stored: the same table covers both. The
+output goes back to the Instruct checkpoint's own names and layout as it is written
+(mergekit_timber.hub_layout, with transformers' reverse conversion, not this table).
 """
 
 from __future__ import annotations

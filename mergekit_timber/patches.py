@@ -13,6 +13,13 @@ functions of `mergekit.merge` are replaced by wrappers with the same signature:
 | `_model_out_config` | the Instruct model as the donor of config.json | mergekit's function, same arguments |
 | `_get_donor_model` | the Instruct model as the donor of tokenizer and tagalong files | mergekit's function, same arguments |
 
+Two more are changed by the modules that need them, during a Timber merge only:
+`TensorWriter.save_tensor` is wrapped (mergekit_timber.hub_layout, the first time a
+Timber merge's Instruct stores its tensors in another layout than mergekit writes) and
+acts only for the output folders a Timber merge registered; block-FP8 models get a
+dequantizing loader in `LoaderCache.loaders` for the time of one merge
+(mergekit_timber.quantized), taken out again after it.
+
 Before replacing anything, mergekit_timber.guard checks every mergekit name the plugin
 relies on. If one is missing or changed, nothing above is replaced: `run_merge` is only
 wrapped by a pass-through that stops Timber merges with one line (the guard's finding)

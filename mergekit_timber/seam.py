@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from mergekit_timber import finite, guard, preflight, quantized, signals
+from mergekit_timber import finite, guard, hub_layout, preflight, quantized, signals
 from mergekit_timber.card import has_tokenizer, mergekit_makes_tokenizer, model_card
 from mergekit_timber.errors import TimberOutputError
 from mergekit_timber.output_dir import OutputDir, describe, display, is_write_failure
@@ -79,7 +79,11 @@ def write_merge(
         inner_config = inner_config.model_copy(update={"merge_method": run_as})
     inner_options = options.model_copy(update={"copy_tokenizer": False, "write_model_card": False})
     try:
-        with quantized.dequantized_reading(config, options):  # block-FP8 inputs read dequantized
+        # block-FP8 inputs are read dequantized; tensors are written under the Instruct
+        # checkpoint's own names and layout (hub_layout).
+        with quantized.dequantized_reading(config, options), hub_layout.written_like_instruct(
+            instruct_dir(config, options), [stage], trust_remote_code=options.trust_remote_code
+        ):
             guard.lookup("mergekit.merge.run_merge")(inner_config, str(stage), options=inner_options)
     except Exception as error:
         if not is_write_failure(error):  # disk full is a SafetensorError, not an OSError

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import yaml
 
 from mergekit_timber.checkpoint import open_written
-from mergekit_timber import finite, signals
+from mergekit_timber import finite, hub_layout, signals
 from mergekit_timber.errors import TimberConfigError, TimberOutputError
 from mergekit_timber.output_dir import describe, display, is_weight_file, is_write_failure
 
@@ -51,11 +51,7 @@ class SweepSession:
     writers: List[object]
     lambdas: Sequence[float]  # of the writers, in order
     out_dtype: Optional[object] = None  # torch.dtype the config asks to write
-    saved: List[set] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self):
-        self.saved = [set() for _ in self.writers]
 
     def save(self, name: str, tensors: Sequence) -> None:
         with self._lock:
@@ -65,7 +61,6 @@ class SweepSession:
                 # Finite as written (the first output is checked by the seam).
                 finite.check_tensor(name, tensor, f" for lambda={self.lambdas[index]:g}")
                 writer.save_tensor(name=name, tensor=tensor, clone=False)  # fresh outputs
-                self.saved[index].add(name)
 
 
 def parse_lambdas(text: str) -> List[float]:
@@ -151,24 +146,28 @@ def _write_and_publish(targets, configs, texts, lambdas, options) -> None:
     # Each extra writer buffers up to one shard in memory: cap it, or mergekit's 5 GB
     # default would hold every extra output of a mid-sized model in RAM at once.
     side_shard = min(options.out_shard_size, SIDE_SHARD_BYTES) if options.out_shard_size > 0 else SIDE_SHARD_BYTES
-    writers = [
-        TensorWriter(str(stage), max_shard_size=side_shard, safe_serialization=options.safe_serialization)
-        for stage in stages[1:]
-    ]
-    out_dtype = dtype_from_name(configs[0].out_dtype) if configs[0].out_dtype else None
-    session = SweepSession(writers=writers, lambdas=lambdas[1:], out_dtype=out_dtype)
-    with _sweep_method(lambdas[1:], session.save) as method_name:
-        # The card and mergekit_config.yml come from configs[0]/texts[0]: they name `timber`.
-        seam.write_merge(configs[0], stages[0], options, texts[0], name=targets[0].name, run_as=method_name)
+    # The extra outputs keep the Instruct's tensor names and layout, as the first does (seam).
+    instruct = seam.instruct_dir(configs[0], options)
+    with hub_layout.written_like_instruct(instruct, stages[1:], trust_remote_code=options.trust_remote_code):
+        writers = [
+            TensorWriter(str(stage), max_shard_size=side_shard, safe_serialization=options.safe_serialization)
+            for stage in stages[1:]
+        ]
+        out_dtype = dtype_from_name(configs[0].out_dtype) if configs[0].out_dtype else None
+        session = SweepSession(writers=writers, lambdas=lambdas[1:], out_dtype=out_dtype)
+        with _sweep_method(lambdas[1:], session.save) as method_name:
+            # The card and mergekit_config.yml come from configs[0]/texts[0]: they name `timber`.
+            seam.write_merge(configs[0], stages[0], options, texts[0], name=targets[0].name, run_as=method_name)
 
-    with open_written(stages[0], "sweep output") as first_output:
-        for index, (stage, writer) in enumerate(zip(stages[1:], writers)):
-            with _writing(stage):
-                # Tensors mergekit wrote without calling the method (non-float buffers,
-                # passthrough) do not depend on lambda: take them from the first output.
-                for name in sorted(set(first_output.names()) - session.saved[index]):
-                    writer.save_tensor(name=name, tensor=first_output.tensor(name), clone=False)
-                writer.finalize()
+        with open_written(stages[0], "sweep output") as first_output:
+            for stage, writer in zip(stages[1:], writers):
+                with _writing(stage):
+                    # Tensors mergekit wrote without calling the method (non-float buffers,
+                    # passthrough) do not depend on lambda: take them from the first output
+                    # (both name them as the Instruct checkpoint does).
+                    for name in sorted(set(first_output.names()) - hub_layout.written(stage)):
+                        writer.save_tensor(name=name, tensor=first_output.tensor(name), clone=False)
+                    writer.finalize()
     for index, stage in enumerate(stages[1:]):
         with seam._step(f"copying config and tokenizer into {display(stage)}"):
             _copy_non_weight_files(stages[0], stage)

@@ -6,19 +6,24 @@ eRank means something), merged by the unmodified ``mergekit-yaml`` with ``timber
 and the output is compared with an oracle that decomposes the linear maps the
 forward pass uses: ``forward_maps`` below slices each parameter as the model class's
 forward does (read from transformers 5's modeling_<type>.py), independently of
-mergekit_timber.layout. The output must also load with no missing or unexpected keys
-and run a finite forward pass.
+mergekit_timber.layout. The output must also store exactly the Instruct checkpoint's
+tensor names, shapes and dtypes (transformers' save_pretrained writes the Hub layout:
+per-expert Qwen3-MoE, GLM-4-MoE and Mixtral experts, Mixtral's block_sparse_moe, stacked
+Llama 4 and Granite experts), load with no missing or unexpected keys and run a finite
+forward pass.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 import transformers as T
 
 from helpers import load_dir, run_cli, write_yaml
+from mergekit_timber.checkpoint import Checkpoint
 from oracle import timber_matrix, with_spectrum
 
 LAM = 0.2
@@ -132,6 +137,26 @@ def build_pair(arch: str, root):
     return cls, base, instruct
 
 
+def stored(model_dir) -> dict:
+    """{name: (shape, dtype)} of a checkpoint as stored, from its safetensors headers."""
+    with Checkpoint(model_dir, "model") as checkpoint:
+        return {name: checkpoint.info(name) for name in checkpoint.names()}
+
+
+def assert_stored_tensors_match_oracle(base_dir, instruct_dir, out_dir) -> None:
+    """Tensor by tensor as stored: a stored matrix (per-expert ones included) is the
+    oracle on the stored Base/Instruct matrices; 1-D tensors are the Instruct's. Stacked
+    and fused stored tensors are checked per forward map on the loaded model (below)."""
+    base, instruct, got = (load_dir(d) for d in (base_dir, instruct_dir, out_dir))
+    for name, wi in instruct.items():
+        if not refined(name, wi):
+            assert torch.equal(got[name], wi), name
+        elif wi.ndim == 2:
+            want = timber_matrix(base[name], wi, LAM)[0].to(DTYPE)
+            differ = float((got[name] != want).float().mean())
+            assert differ <= BF16_TOLERANCE, f"{name}: {differ:.2%} of elements differ from the oracle"
+
+
 def load(cls, path):
     model, info = cls.from_pretrained(path, dtype=DTYPE, output_loading_info=True)
     return model.eval(), info
@@ -147,7 +172,11 @@ def test_timber_splits_what_the_forward_uses(arch, tmp_path):
     out = tmp_path / "out"
     run_cli("mergekit-yaml", cfg, out)
 
+    # Drop-in by its weights too: exactly the Instruct checkpoint's names, shapes and dtypes
+    # (per-expert where it is per-expert, stacked where stacked, renamed back).
+    assert stored(out) == stored(instruct_dir)
     assert {t.dtype for t in load_dir(out).values() if t.is_floating_point()} == {DTYPE}
+    assert_stored_tensors_match_oracle(base_dir, instruct_dir, out)
     merged, info = load(cls, out)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ids = torch.arange(2 * 5).reshape(2, 5) % merged.config.get_text_config().vocab_size
@@ -235,10 +264,11 @@ def test_split_and_restore_are_inverse_and_slice_like_the_forward(layout_name, s
         assert torch.equal(stack[j], want), (part, e)
 
 
-@pytest.mark.parametrize("arch", ["llama4", "granitemoehybrid", "qwen3_moe", "llama"])
+@pytest.mark.parametrize("arch", ["llama4", "granitemoehybrid", "qwen3_moe", "mixtral", "glm4_moe", "llama"])
 def test_analyze_uses_the_same_split(arch, tmp_path):
     """analyze reads checkpoints as stored (per-expert Hub tensors, Granite's input_linear,
-    Llama 4's [E, H, 2I]) and gives one row per linear map of the forward, as the merge."""
+    Llama 4's [E, H, 2I]) and gives one row per linear map of the forward, as the merge;
+    every row is labelled with the Instruct checkpoint's own tensor name and expert."""
     from mergekit_timber import analysis as an
     from oracle import erank
 
@@ -261,5 +291,12 @@ def test_analyze_uses_the_same_split(arch, tmp_path):
                             forward_maps(arch, name, wi).values())
     )
     assert sorted(r["erank_delta"] for r in rows) == pytest.approx(want, rel=1e-6)
+    for r in rows:
+        assert r["tensor"] in on_disk, r["tensor"]
+        per_expert = re.search(r"\.experts\.(\d+)\.", r["tensor"])
+        if per_expert:  # Qwen3-MoE experts.{e}.gate_proj, Mixtral block_sparse_moe.experts.{e}.w1
+            assert r["expert"] == int(per_expert.group(1)) and an.matrix_label(r) == r["tensor"], r
+    experts = {r["tensor"] for r in rows if r["expert"] is not None}
+    assert experts or arch == "llama"
     vocab = {r["tensor"] for r in rows} - {r["tensor"] for r in no_vocab}
     assert vocab and all("embed" in n or "lm_head" in n for n in vocab), vocab
