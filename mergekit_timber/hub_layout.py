@@ -24,7 +24,7 @@ one tensor at a time as mergekit hands it to its `TensorWriter`:
   otherwise the merge stops with one line naming the tensor.
 
 Hook-in: `TensorWriter.save_tensor` is wrapped once (`install`, called by the first
-Timber merge whose Instruct layout needs a reversal); the wrapper acts only
+Timber merge of the process); the wrapper acts only
 for a writer whose output directory a Timber merge registered (`written_like_instruct`,
 entered by mergekit_timber.seam around mergekit's merge and by the sweep around its
 extra writers). Every other writer, hence every non-Timber merge, gets mergekit's own
@@ -261,7 +261,9 @@ def written_like_instruct(instruct_dir: Path, out_dirs: Sequence[Path], *,
                           trust_remote_code: bool = False) -> Iterator[InstructLayout]:
     """While inside, TensorWriters writing into `out_dirs` write the Instruct's names and layout."""
     layout = InstructLayout.of_checkpoint(Path(instruct_dir), trust_remote_code=trust_remote_code)
-    if layout.converts and _ORIGINAL is None and not install():
+    # Installed for every Timber output, also one that converts nothing: `written` (the
+    # sweep's record of what it wrote) sees only what the wrapper saw.
+    if _ORIGINAL is None and not install():
         raise TimberOutputError(
             f"{PATCHED} is not as mergekit 0.1.5 has it: the output could not keep the tensor "
             f"names of {instruct_dir}"

@@ -14,9 +14,9 @@ functions of `mergekit.merge` are replaced by wrappers with the same signature:
 | `_get_donor_model` | the Instruct model as the donor of tokenizer and tagalong files | mergekit's function, same arguments |
 
 Two more are changed by the modules that need them, during a Timber merge only:
-`TensorWriter.save_tensor` is wrapped (mergekit_timber.hub_layout, the first time a
-Timber merge's Instruct stores its tensors in another layout than mergekit writes) and
-acts only for the output folders a Timber merge registered; block-FP8 models get a
+`TensorWriter.save_tensor` is wrapped (mergekit_timber.hub_layout, when the first
+Timber merge of the process starts) and acts only for the output folders a Timber merge
+registered; block-FP8 models get a
 dequantizing loader in `LoaderCache.loaders` for the time of one merge
 (mergekit_timber.quantized), taken out again after it.
 
