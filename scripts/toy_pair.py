@@ -1,21 +1,26 @@
 #!/usr/bin/env python
 """Train a tiny Base/Instruct pair (Qwen3 architecture) on the CPU, deterministically.
 
-    python scripts/toy_pair.py OUT [--preset default|fast|smallest] [--seed 0]
+    python scripts/toy_pair.py OUT [--preset default|fast|smallest|narrow|narrow-fast|narrow-smallest] [--seed 0]
 
 Base: a small Qwen3ForCausalLM trained from scratch on plain-text sums of digits written
 out along several valid solution paths (scripts/toy_task.py), documents separated by
-``<|endoftext|>``, its end-of-sequence token. Instruct: Base fine-tuned (SFT, loss on the
-assistant turn only) on chats in ONE answer style, with a Qwen-style chat template and
-``<|im_end|>`` as end of turn. Both share one character-level tokenizer (same ids, so
-same tensor shapes, as Timber needs); they differ where real pairs differ: the Instruct
-has the chat template and eos ``<|im_end|>`` in its tokenizer, config.json and
-generation_config.json, Base has eos ``<|endoftext|>`` and no template.
+``<|endoftext|>``, its end-of-sequence token. Instruct, by preset:
+- default, fast, smallest: Base fine-tuned (SFT, loss on the assistant turn only) on chats
+  in ONE teacher answer style;
+- narrow*: Base after rounds of rejection-sampling fine-tuning on its OWN correct samples
+  (no teacher; longer sums), the post-training that narrows (docs/toy_narrow_plan.md).
+Both get a Qwen-style chat template and ``<|im_end|>`` as end of turn. Both share one
+character-level tokenizer (same ids, so same tensor shapes, as Timber needs); they differ
+where real pairs differ: the Instruct has the chat template and eos ``<|im_end|>`` in its
+tokenizer, config.json and generation_config.json, Base has eos ``<|endoftext|>`` and no
+template.
 
 Writes OUT/base/ and OUT/instruct/ (safetensors, config.json, generation_config.json,
 tokenizer files), OUT/heldout_base.jsonl (plain prompts for Base) and
 OUT/heldout_chat.jsonl (user messages for chat models), both in scripts/sample.py's
 {"id", "prompt", "answer"} format, and OUT/pair.json (the settings and the losses).
+Progress: a bar per stage on a terminal, a line every few seconds in a log.
 
 Same seed, same preset and same torch thread count give the same weights.
 """

@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         analyze_table(analyses),
     ])) + "\n"
     (root / "summary.md").write_text(text)
-    print(text)
+    print(text, end="")
     say(f"wrote {root / 'summary.md'}, {curve} and the analyze plots in {time.time() - start:.0f} s")
     return 0
 

@@ -143,31 +143,18 @@ def check_seed_folder(folder: Path, labels: list[str], problems: int, n: int) ->
 
 @pytest.fixture(scope="module")
 def smallest_runs(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
-    """Both settings at their smallest size, one after the other, into the same -o."""
+    """The narrow setting end to end and the default one's pair check, at their smallest
+    size, one after the other into the same -o (each writes its own folder)."""
     out = tmp_path_factory.mktemp("toy_study")
-    default = run_study(out, "--smallest")
-    assert default.returncode == 0, default.stdout[-2000:] + default.stderr[-4000:]
     narrow = run_study(out, "--setting", "narrow", "--smallest")
     assert narrow.returncode == 0, narrow.stdout[-2000:] + narrow.stderr[-4000:]
+    default = run_study(out, "--smallest", "--precondition-only")
+    assert default.returncode == 0, default.stdout[-2000:] + default.stderr[-4000:]
     return out, default, narrow
 
 
-def test_study_runs_end_to_end_smallest(smallest_runs):
-    out, default, _ = smallest_runs
-    labels = ["base", "instruct", "timber_l", "timber-0.5"]
-    check_seed_folder(out / "default-smallest" / "seed-0", labels, problems=8, n=4)
-    summary = (out / "default-smallest" / "summary.md").read_text()
-    assert all(f"| {label} |" in summary for label in labels), summary
-    assert "Measured with torch " in summary and "| seed | base Pass@1 |" in summary
-    assert summary == default.stdout, "the printed tables are the file's"
-    # Nothing long is silent in a log: training and sampling report as they go.
-    for stage in ("base training steps: 0/40", "sft training steps: 30/30 done", "sampling base: 0/32",
-                  "sampling timber-0.5: 32/32 done"):
-        assert stage in default.stderr, default.stderr[-3000:]
-
-
 def test_narrow_setting_runs_end_to_end_smallest(smallest_runs):
-    """Rejection-sampling Instruct on two seeds; each seed scored alone and all together."""
+    """Rejection-sampling Instruct on two seeds, merged, sampled, scored per seed and pooled."""
     out, _, narrow = smallest_runs
     root = out / "narrow-smallest"
     labels = ["base", "instruct", "timber_l", "timber-0.5"]
@@ -175,22 +162,42 @@ def test_narrow_setting_runs_end_to_end_smallest(smallest_runs):
         check_seed_folder(root / f"seed-{seed}", labels, problems=8, n=4)
         pair = json.loads((root / f"seed-{seed}" / "pair" / "pair.json").read_text())
         assert [r["round"] for r in pair["rft_rounds"]] == [1, 2] and "sft_final_loss" not in pair
-        assert pair["settings"]["lengths"] == [5, 6, 7]
+        assert pair["settings"]["post"] == "rft"
+    trained = [r for seed in (0, 1) for r in json.loads(
+        (root / f"seed-{seed}" / "pair" / "pair.json").read_text())["rft_rounds"] if r["correct"]]
+    assert trained and all(r["final_loss"] > 0 for r in trained), "no round had a correct sample to train on"
     pooled = records(root / "pooled" / "samples" / "instruct.jsonl")
     assert {r["problem"].split("/")[0] for r in pooled} == {"seed-0", "seed-1"} and len(pooled) == 2 * 8 * 4
+    assert (root / "pooled" / "passk" / "passk.png").stat().st_size > 0
     summary = (root / "summary.md").read_text()
-    assert "rejection-sampling fine-tuning" in summary and "Pass@4 per seed" in summary
+    assert summary == narrow.stdout, "the printed tables are the file's"
+    assert "rejection-sampling fine-tuning" in summary and "Measured with torch " in summary
+    assert all(f"| {label} |" in summary for label in labels) and "Pass@4 per seed" in summary
     assert summary.count("\n| 0 | ") == 2 and summary.count("\n| 1 | ") == 2  # precondition, analyze
-    assert "rft round 2: " in narrow.stderr
+    # Nothing long is silent in a log: training and sampling report as they go.
+    for stage in ("base training steps: 0/40", "rft round 2: ", "sampling timber-0.5: 32/32 done"):
+        assert stage in narrow.stderr, narrow.stderr[-3000:]
+
+
+def test_default_setting_pair_and_scores_smallest(smallest_runs):
+    out, default, _ = smallest_runs
+    root = out / "default-smallest-precondition"
+    assert "sft_final_loss" in json.loads((root / "seed-0" / "pair" / "pair.json").read_text())
+    assert len(records(root / "seed-0" / "samples" / "instruct.jsonl")) == 8 * 4
+    summary = (root / "summary.md").read_text()
+    assert "SFT on one teacher answer style" in summary and "| seed | base Pass@1 |" in summary
+    assert "| timber" not in summary and not (root / "seed-0" / "models").exists()  # no merge
+    for stage in ("sft training steps: 30/30 done", "sampling base: 0/32"):
+        assert stage in default.stderr, default.stderr[-3000:]
 
 
 def test_second_run_of_a_setting_refuses_and_keeps_the_first(smallest_runs):
     out, _, _ = smallest_runs
-    weights = out / "default-smallest" / "seed-0" / "pair" / "instruct" / "model.safetensors"
+    weights = out / "narrow-smallest" / "seed-0" / "pair" / "instruct" / "model.safetensors"
     before = weights.read_bytes()
-    again = run_study(out, "--smallest")
+    again = run_study(out, "--setting", "narrow", "--smallest")
     assert again.returncode != 0
-    assert "already holds a run of setting default-smallest" in again.stderr, again.stderr[-2000:]
+    assert "already holds a run of setting narrow-smallest" in again.stderr, again.stderr[-2000:]
     assert weights.read_bytes() == before
 
 
