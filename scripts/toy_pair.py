@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a tiny Base/Instruct pair (Qwen3 architecture) on the CPU, deterministically.
 
-    python scripts/toy_pair.py OUT [--preset default|fast|smallest|narrow|narrow-fast|narrow-smallest] [--seed 0]
+    python scripts/toy_pair.py OUT [--preset default|fast|smallest|narrow|narrow-smallest] [--seed 0]
 
 Base: a small Qwen3ForCausalLM trained from scratch on plain-text sums of digits written
 out along several valid solution paths (scripts/toy_task.py), documents separated by
@@ -95,10 +95,6 @@ PRESETS = {
                      sft_steps=150, batch=16, block=128, base_lr=3e-3, sft_lr=1e-3, held_out=100,
                      lengths=(5, 6, 7), post="rft", rft_rounds=3, rft_problems=256, rft_samples=8,
                      rft_temperature=0.5),
-    "narrow-fast": Preset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=192, base_steps=300,
-                          sft_steps=80, batch=16, block=128, base_lr=3e-3, sft_lr=1e-3, held_out=40,
-                          lengths=(5, 6, 7), post="rft", rft_rounds=2, rft_problems=128, rft_samples=8,
-                          rft_temperature=0.5),
     # Shorter sums, so that its barely trained Base gets a few right and the rounds fine-tune.
     "narrow-smallest": Preset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, base_steps=40,
                               sft_steps=10, batch=8, block=64, base_lr=3e-3, sft_lr=1e-3, held_out=8,

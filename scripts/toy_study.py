@@ -7,9 +7,9 @@ Settings (scripts/toy_pair.py has their presets):
   default  Instruct = Base fine-tuned (SFT) on one teacher answer style; one seed.
   narrow   Instruct = Base after rounds of rejection-sampling fine-tuning on its own correct
            samples (no teacher), on longer sums; seeds 0, 1, 2 (docs/toy_narrow_plan.md).
---smallest and --fast shrink either setting (a smoke run, a quick look). Each run writes
-its own folder OUT/SETTING[-SIZE]/ and refuses one that already holds files, so runs of
-different settings or sizes never mix.
+--smallest shrinks either setting (a smoke run), --fast the default one (a quick look).
+Each run writes its own folder OUT/SETTING[-SIZE]/ and refuses one that already holds
+files, so runs of different settings or sizes never mix.
 
 Per seed, in OUT/NAME/seed-S/:
 1. trains the Base/Instruct pair (scripts/toy_pair.py) unless --pair gives one: pair/;
@@ -25,7 +25,8 @@ OUT/NAME/summary.md (also printed) holds the tables: precondition per seed (Inst
 Pass@1 above Base's, Base Pass@k above the Instruct's at the largest k, each outside the
 95% bootstrap bands), Pass@k with bands and diversity per model, and `analyze` per pair.
 Training and sampling show progress bars on a terminal and a line every few seconds in a
-log; OUT/NAME/study.log has every command and its standard output.
+log; each seed's study.log (and OUT/NAME/study.log for the pooled scores) has every
+command run and its standard output.
 """
 
 from __future__ import annotations
@@ -72,8 +73,6 @@ SETTINGS = {
     # Fixed in docs/toy_narrow_plan.md before any Timber merge of this setting was run.
     "narrow": Setting("narrow", (0, 1, 2), (0.2, 0.5, 0.8), n=32, bootstrap=1000, table_ks=(1, 4, 16, 32),
                       batch_size=256, max_new_tokens=96),
-    "narrow-fast": Setting("narrow-fast", (0, 1, 2), (0.2, 0.5, 0.8), n=16, bootstrap=200,
-                           table_ks=(1, 4, 16), batch_size=256, max_new_tokens=96),
     "narrow-smallest": Setting("narrow-smallest", (0, 1), (0.5,), n=4, bootstrap=50, table_ks=(1, 4),
                                batch_size=256, max_new_tokens=48),
 }
@@ -341,6 +340,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be at least 1")
     args.name = setting_name(args.setting, args.size)
+    if args.name not in SETTINGS:
+        sizes = [size for size in SIZES if setting_name(args.setting, size) in SETTINGS]
+        p.error(f"setting {args.setting} has no {args.size} size; its sizes: {', '.join(sizes)}")
     seeds = SETTINGS[args.name].seeds
     args.folder = args.name + ("-precondition" if args.precondition_only else "")
     if args.seeds:
