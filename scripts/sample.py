@@ -19,13 +19,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # answer_check.py beside this script
 from answer_check import CHECKERS  # noqa: E402
 from mergekit_timber.passk import PasskError, read_jsonl
+
+
+class progress:
+    """Progress of a long loop: a tqdm bar on a terminal; in a log (stderr not a terminal, or
+    TOY_PROGRESS=lines: parallel runs), a line when it starts, one at most every HEARTBEAT
+    seconds, and one when it ends."""
+
+    HEARTBEAT = 10.0
+
+    def __init__(self, iterable, total: int, desc: str):
+        self.iterable, self.total, self.desc = iterable, total, desc
+
+    def __iter__(self):
+        if sys.stderr.isatty() and os.environ.get("TOY_PROGRESS") != "lines":
+            from tqdm import tqdm
+
+            yield from tqdm(self.iterable, total=self.total, desc=self.desc)
+            return
+        start = last = time.time()
+        print(f"{self.desc}: 0/{self.total}", file=sys.stderr, flush=True)
+        done = 0
+        for item in self.iterable:
+            yield item
+            done += 1
+            if time.time() - last >= self.HEARTBEAT and done < self.total:
+                last = time.time()
+                print(f"{self.desc}: {done}/{self.total} ({last - start:.0f} s)", file=sys.stderr, flush=True)
+        print(f"{self.desc}: {done}/{self.total} done ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -155,14 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         samples = sample_transformers(args, tokenizer, ids)
 
-    from tqdm import tqdm
-
     args.output.parent.mkdir(parents=True, exist_ok=True)
     drawn = [0] * len(problems)
     correct = 0
     with open(args.output, "w", encoding="utf-8") as f:
         # Written as they come, so a long run shows progress and keeps what it drew.
-        for i, text in tqdm(samples, total=len(problems) * args.n, desc="sampling", disable=None):
+        for i, text in progress(samples, len(problems) * args.n, f"sampling {label}"):
             problem = problems[i]
             record = {"model": label, "problem": problem["id"], "sample": drawn[i],
                       "correct": check(text, problem["answer"]), "completion": text}

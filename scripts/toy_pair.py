@@ -1,21 +1,26 @@
 #!/usr/bin/env python
 """Train a tiny Base/Instruct pair (Qwen3 architecture) on the CPU, deterministically.
 
-    python scripts/toy_pair.py OUT [--preset default|fast|smallest] [--seed 0]
+    python scripts/toy_pair.py OUT [--preset default|fast|smallest|narrow|narrow-smallest] [--seed 0]
 
 Base: a small Qwen3ForCausalLM trained from scratch on plain-text sums of digits written
 out along several valid solution paths (scripts/toy_task.py), documents separated by
-``<|endoftext|>``, its end-of-sequence token. Instruct: Base fine-tuned (SFT, loss on the
-assistant turn only) on chats in ONE answer style, with a Qwen-style chat template and
-``<|im_end|>`` as end of turn. Both share one character-level tokenizer (same ids, so
-same tensor shapes, as Timber needs); they differ where real pairs differ: the Instruct
-has the chat template and eos ``<|im_end|>`` in its tokenizer, config.json and
-generation_config.json, Base has eos ``<|endoftext|>`` and no template.
+``<|endoftext|>``, its end-of-sequence token. Instruct, by preset:
+- default, fast, smallest: Base fine-tuned (SFT, loss on the assistant turn only) on chats
+  in ONE teacher answer style;
+- narrow*: Base after rounds of rejection-sampling fine-tuning on its OWN correct samples
+  (no teacher; longer sums), the post-training that narrows (docs/toy_narrow_plan.md).
+Both get a Qwen-style chat template and ``<|im_end|>`` as end of turn. Both share one
+character-level tokenizer (same ids, so same tensor shapes, as Timber needs); they differ
+where real pairs differ: the Instruct has the chat template and eos ``<|im_end|>`` in its
+tokenizer, config.json and generation_config.json, Base has eos ``<|endoftext|>`` and no
+template.
 
 Writes OUT/base/ and OUT/instruct/ (safetensors, config.json, generation_config.json,
 tokenizer files), OUT/heldout_base.jsonl (plain prompts for Base) and
 OUT/heldout_chat.jsonl (user messages for chat models), both in scripts/sample.py's
 {"id", "prompt", "answer"} format, and OUT/pair.json (the settings and the losses).
+Progress: a bar per stage on a terminal, a line every few seconds in a log.
 
 Same seed, same preset and same torch thread count give the same weights.
 """
@@ -34,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # toy_task beside this script
 import toy_task  # noqa: E402
+from answer_check import check_boxed  # noqa: E402
+from sample import progress  # noqa: E402
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIALS = [ENDOFTEXT, IM_START, IM_END]
@@ -60,6 +67,16 @@ class Preset:
     base_lr: float
     sft_lr: float
     held_out: int
+    lengths: tuple[int, ...] = (3, 4, 5)  # digits per problem
+    # "sft": fine-tune on the one teacher style (toy_task.instruct_answer). "rft": rejection-
+    # sampling fine-tuning on the model's OWN correct samples, round after round (the first
+    # round samples Base on plain prompts, later rounds the chat model itself): no teacher.
+    post: str = "sft"
+    rft_rounds: int = 0
+    rft_problems: int = 0  # training problems sampled per round
+    rft_samples: int = 0  # samples per problem per round
+    rft_temperature: float = 1.0
+    rft_max_new_tokens: int = 96
 
 
 PRESETS = {
@@ -71,6 +88,18 @@ PRESETS = {
                    sft_steps=100, batch=16, block=128, base_lr=3e-3, sft_lr=1e-3, held_out=40),
     "smallest": Preset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, base_steps=40,
                        sft_steps=30, batch=8, block=64, base_lr=3e-3, sft_lr=1e-3, held_out=8),
+    # The narrowing setting (docs/toy_narrow_plan.md): longer sums than Base masters, and an
+    # Instruct post-trained on nothing but its own correct samples. sft_steps/sft_lr are the
+    # fine-tuning steps and learning rate of each round.
+    "narrow": Preset(hidden=128, layers=3, heads=4, kv_heads=2, intermediate=256, base_steps=500,
+                     sft_steps=150, batch=16, block=128, base_lr=3e-3, sft_lr=1e-3, held_out=100,
+                     lengths=(5, 6, 7), post="rft", rft_rounds=3, rft_problems=256, rft_samples=8,
+                     rft_temperature=0.5),
+    # Shorter sums, so that its barely trained Base gets a few right and the rounds fine-tune.
+    "narrow-smallest": Preset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, base_steps=40,
+                              sft_steps=10, batch=8, block=64, base_lr=3e-3, sft_lr=1e-3, held_out=8,
+                              lengths=(2, 3), post="rft", rft_rounds=2, rft_problems=16, rft_samples=4,
+                              rft_temperature=0.5, rft_max_new_tokens=48),
 }
 
 
@@ -127,14 +156,14 @@ def _schedule(step: int, total: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _train(model, batches, steps: int, lr: float, label: str, log_every: int) -> float:
+def _train(model, batches, steps: int, lr: float, label: str) -> float:
     """AdamW with warmup and cosine decay; returns the mean loss of the last tenth of steps."""
     import torch
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
-    tail, start = [], time.time()
-    for step in range(steps):
+    tail = []
+    for step in progress(range(steps), steps, f"{label} training steps"):
         for group in optimizer.param_groups:
             group["lr"] = _schedule(step, steps, lr)
         input_ids, attention_mask, labels = batches(step)
@@ -145,9 +174,6 @@ def _train(model, batches, steps: int, lr: float, label: str, log_every: int) ->
         optimizer.step()
         if step >= steps - max(1, steps // 10):
             tail.append(loss.item())
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"{label} step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f} s)",
-                  file=sys.stderr)
     model.eval()
     return sum(tail) / len(tail)
 
@@ -177,16 +203,27 @@ def chat_text(problem: tuple[int, ...], with_answer: bool) -> tuple[str, str]:
 
 
 def sft_batches(raw, preset: Preset, train_problem, rng: random.Random):
-    """Right-padded chats; the loss covers the assistant turn only (its <|im_end|> included)."""
+    """Chats in the teacher's one style (toy_task.instruct_answer)."""
+    def example():
+        problem = train_problem(rng)
+        return problem, toy_task.instruct_answer(problem)
+
+    return chat_batches(raw, preset.batch, example)
+
+
+def chat_batches(raw, batch_size: int, example):
+    """Right-padded chats from EXAMPLE() -> (problem, reply); the loss covers the assistant
+    turn only (its <|im_end|> included)."""
     import torch
 
     pad = raw.token_to_id(ENDOFTEXT)
 
     def batch(step: int):
         rows = []
-        for _ in range(preset.batch):
-            prompt, reply = chat_text(train_problem(rng), with_answer=True)
-            p, r = raw.encode(prompt).ids, raw.encode(reply).ids
+        for _ in range(batch_size):
+            problem, reply = example()
+            prompt, _ = chat_text(problem, with_answer=False)
+            p, r = raw.encode(prompt).ids, raw.encode(reply + IM_END + "\n").ids
             rows.append((p + r, [-100] * len(p) + r))
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -199,6 +236,66 @@ def sft_batches(raw, preset: Preset, train_problem, rng: random.Random):
         return ids, mask, labels
 
     return batch
+
+
+def sample_replies(model, raw, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
+                   stops: list[int], label: str, batch_size: int = 256) -> list[list[str]]:
+    """N sampled completions per prompt (text up to the first stop token), left-padded batches."""
+    import torch
+
+    pad = raw.token_to_id(ENDOFTEXT)
+    jobs = [i for i in range(len(prompts)) for _ in range(n)]
+    encoded = [raw.encode(p).ids for p in prompts]
+    replies: list[list[str]] = [[] for _ in prompts]
+    starts = range(0, len(jobs), batch_size)
+    for first in progress(starts, len(starts), f"{label} sampling batches of {batch_size}"):
+        chunk = jobs[first : first + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]) :] = 1
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                                 top_p=1.0, top_k=None, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                                 pad_token_id=pad)
+        for i, new in zip(chunk, out[:, width:].tolist()):
+            end = next((j for j, t in enumerate(new) if t in stops), len(new))
+            replies[i].append(raw.decode(new[:end]))
+    return replies
+
+
+def rejection_sampling_rounds(model, raw, preset: Preset, train_problem, rng: random.Random,
+                              ids: dict[str, int]) -> list[dict]:
+    """Post-training without a teacher: each round samples the model on fresh training
+    problems, keeps every correct completion (duplicates too: a completion the model draws
+    often weighs more, as in a policy-gradient step with a 0/1 reward) and fine-tunes on
+    those chats. Round 1 samples Base on its plain prompts; later rounds the chat model."""
+    rounds = []
+    for r in range(1, preset.rft_rounds + 1):
+        problems = [train_problem(rng) for _ in range(preset.rft_problems)]
+        if r == 1:
+            prompts = [toy_task.base_prompt(p) for p in problems]
+            stops = [ids[ENDOFTEXT]]
+        else:
+            prompts = [chat_text(p, with_answer=False)[0] for p in problems]
+            stops = [ids[IM_END], ids[ENDOFTEXT]]
+        replies = sample_replies(model, raw, prompts, preset.rft_samples, preset.rft_temperature,
+                                 preset.rft_max_new_tokens, stops, f"rft round {r}")
+        kept = [(p, reply.strip()) for p, group in zip(problems, replies) for reply in group
+                if check_boxed(reply, str(toy_task.answer(p)))]
+        loss = math.nan
+        if kept:  # else (a barely trained smoke-run Base) the round leaves the model as it is
+            loss = _train(model, chat_batches(raw, preset.batch, lambda: kept[rng.randrange(len(kept))]),
+                          preset.sft_steps, preset.sft_lr, f"rft round {r}")
+        solved = sum(any(check_boxed(x, str(toy_task.answer(p))) for x in g) for p, g in zip(problems, replies))
+        rounds.append({"round": r, "samples": len(problems) * preset.rft_samples, "correct": len(kept),
+                       "problems_solved": solved, "final_loss": None if math.isnan(loss) else round(loss, 4)})
+        trained = f"loss {loss:.3f}" if kept else "no fine-tuning (nothing correct)"
+        print(f"rft round {r}: {len(kept)} correct of {len(problems) * preset.rft_samples} samples, "
+              f"{solved}/{len(problems)} problems, {trained}", file=sys.stderr, flush=True)
+    return rounds
 
 
 def save_model(model, tokenizer, path: Path, instruct: bool, ids: dict[str, int]) -> None:
@@ -225,8 +322,7 @@ def write_heldout(out: Path, held: list[tuple[int, ...]]) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
-def build_pair(out: Path, preset_name: str = "default", seed: int = 0, threads: int | None = None,
-               log_every: int = 100) -> dict:
+def build_pair(out: Path, preset_name: str = "default", seed: int = 0, threads: int | None = None) -> dict:
     """Train and write the pair under OUT; returns what OUT/pair.json records."""
     import torch
     from transformers import Qwen3ForCausalLM
@@ -238,23 +334,29 @@ def build_pair(out: Path, preset_name: str = "default", seed: int = 0, threads: 
     out.mkdir(parents=True, exist_ok=True)
     raw = build_tokenizer()
     ids = {t: raw.token_to_id(t) for t in SPECIALS}
-    held, train_problem = toy_task.split_problems(seed, preset.held_out)
+    held, train_problem = toy_task.split_problems(seed, preset.held_out, preset.lengths)
     write_heldout(out, held)
 
     start = time.time()
     model = Qwen3ForCausalLM(model_config(preset, raw.get_vocab_size(), ids))
     base_loss = _train(model, base_batches(raw, preset, train_problem, random.Random(seed + 1)),
-                       preset.base_steps, preset.base_lr, "base", log_every)
+                       preset.base_steps, preset.base_lr, "base")
     save_model(model, wrap_tokenizer(raw, instruct=False), out / "base", instruct=False, ids=ids)
-    sft_loss = _train(model, sft_batches(raw, preset, train_problem, random.Random(seed + 2)),
-                      preset.sft_steps, preset.sft_lr, "sft", log_every)
+    record = {"preset": preset_name, "seed": seed, "threads": torch.get_num_threads(),
+              "settings": dataclasses.asdict(preset), "base_final_loss": round(base_loss, 4)}
+    if preset.post == "sft":
+        sft_loss = _train(model, sft_batches(raw, preset, train_problem, random.Random(seed + 2)),
+                          preset.sft_steps, preset.sft_lr, "sft")
+        record["sft_final_loss"] = round(sft_loss, 4)
+    else:
+        record["rft_rounds"] = rejection_sampling_rounds(model, raw, preset, train_problem,
+                                                         random.Random(seed + 2), ids)
     save_model(model, wrap_tokenizer(raw, instruct=True), out / "instruct", instruct=True, ids=ids)
 
-    record = {"preset": preset_name, "seed": seed, "threads": torch.get_num_threads(),
-              "settings": dataclasses.asdict(preset), "base_final_loss": round(base_loss, 4),
-              "sft_final_loss": round(sft_loss, 4), "train_seconds": round(time.time() - start, 1),
-              "parameters": sum(p.numel() for p in model.parameters())}
+    record.update(train_seconds=round(time.time() - start, 1),
+                  parameters=sum(p.numel() for p in model.parameters()))
     (out / "pair.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"pair written to {out} in {record['train_seconds']:.0f} s", file=sys.stderr, flush=True)
     return record
 
 

@@ -35,7 +35,7 @@ def pair(tmp_path_factory) -> Path:
     out = root / "toy_pair_fast"
     with FileLock(str(root / "toy_pair_fast.lock")):
         if not (out / "pair.json").exists():
-            toy_pair.build_pair(out, "fast", seed=0, threads=1, log_every=0)
+            toy_pair.build_pair(out, "fast", seed=0, threads=1)
     return out
 
 
@@ -123,18 +123,89 @@ def test_timber_output_is_a_drop_in_instruct(pair, timber_near_one, tmp_path):
     assert abs(timber - instruct) <= PASS1_MARGIN, (timber, instruct)
 
 
-def test_study_runs_end_to_end_smallest(tmp_path):
-    out = tmp_path / "study"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "toy_study.py"), "--smallest", "-o", str(out)],
+def run_study(out: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "toy_study.py"), "-o", str(out), *options],
                           capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    labels = ["base", "instruct", "timber_l", "timber-0.5"]
-    with open(out / "passk" / "passk.csv") as f:
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_seed_folder(folder: Path, labels: list[str], problems: int, n: int) -> None:
+    with open(folder / "passk" / "passk.csv") as f:
         assert {line.split(",")[0] for line in f.readlines()[1:]} == set(labels)
-    summary = (out / "summary.md").read_text()
-    assert all(f"| {label} |" in summary for label in labels), summary
     for png in ("passk/passk.png", "analyze/erank_base_vs_instruct.png", "analyze/erank_ratio_hist.png"):
-        assert (out / png).stat().st_size > 0
-    for label in labels[1:]:  # every chat model answered through its chat template
-        records = [json.loads(line) for line in (out / "samples" / f"{label}.jsonl").read_text().splitlines()]
-        assert len(records) == 8 * 4
+        assert (folder / png).stat().st_size > 0
+    for label in labels:  # every model sampled n times on every held-out problem
+        assert len(records(folder / "samples" / f"{label}.jsonl")) == problems * n
+
+
+@pytest.fixture(scope="module")
+def smallest_runs(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """The narrow setting end to end and the default one's pair check, at their smallest
+    size, one after the other into the same -o (each writes its own folder)."""
+    out = tmp_path_factory.mktemp("toy_study")
+    narrow = run_study(out, "--setting", "narrow", "--smallest")
+    assert narrow.returncode == 0, narrow.stdout[-2000:] + narrow.stderr[-4000:]
+    default = run_study(out, "--smallest", "--precondition-only")
+    assert default.returncode == 0, default.stdout[-2000:] + default.stderr[-4000:]
+    return out, default, narrow
+
+
+def test_narrow_setting_runs_end_to_end_smallest(smallest_runs):
+    """Rejection-sampling Instruct on two seeds, merged, sampled, scored per seed and pooled."""
+    out, _, narrow = smallest_runs
+    root = out / "narrow-smallest"
+    labels = ["base", "instruct", "timber_l", "timber-0.5"]
+    for seed in (0, 1):
+        check_seed_folder(root / f"seed-{seed}", labels, problems=8, n=4)
+        pair = json.loads((root / f"seed-{seed}" / "pair" / "pair.json").read_text())
+        assert [r["round"] for r in pair["rft_rounds"]] == [1, 2] and "sft_final_loss" not in pair
+        assert pair["settings"]["post"] == "rft"
+    trained = [r for seed in (0, 1) for r in json.loads(
+        (root / f"seed-{seed}" / "pair" / "pair.json").read_text())["rft_rounds"] if r["correct"]]
+    assert trained and all(r["final_loss"] > 0 for r in trained), "no round had a correct sample to train on"
+    pooled = records(root / "pooled" / "samples" / "instruct.jsonl")
+    assert {r["problem"].split("/")[0] for r in pooled} == {"seed-0", "seed-1"} and len(pooled) == 2 * 8 * 4
+    assert (root / "pooled" / "passk" / "passk.png").stat().st_size > 0
+    summary = (root / "summary.md").read_text()
+    assert summary == narrow.stdout, "the printed tables are the file's"
+    assert "rejection-sampling fine-tuning" in summary and "Measured with torch " in summary
+    assert all(f"| {label} |" in summary for label in labels) and "Pass@4 per seed" in summary
+    assert summary.count("\n| 0 | ") == 2 and summary.count("\n| 1 | ") == 2  # precondition, analyze
+    # Nothing long is silent in a log: training and sampling report as they go.
+    for stage in ("base training steps: 0/40", "rft round 2: ", "sampling timber-0.5: 32/32 done"):
+        assert stage in narrow.stderr, narrow.stderr[-3000:]
+
+
+def test_default_setting_pair_and_scores_smallest(smallest_runs):
+    out, default, _ = smallest_runs
+    root = out / "default-smallest-precondition"
+    assert "sft_final_loss" in json.loads((root / "seed-0" / "pair" / "pair.json").read_text())
+    assert len(records(root / "seed-0" / "samples" / "instruct.jsonl")) == 8 * 4
+    summary = (root / "summary.md").read_text()
+    assert "SFT on one teacher answer style" in summary and "| seed | base Pass@1 |" in summary
+    assert "| timber" not in summary and not (root / "seed-0" / "models").exists()  # no merge
+    for stage in ("sft training steps: 30/30 done", "sampling base: 0/32"):
+        assert stage in default.stderr, default.stderr[-3000:]
+
+
+def test_second_run_of_a_setting_refuses_and_keeps_the_first(smallest_runs):
+    out, _, _ = smallest_runs
+    weights = out / "narrow-smallest" / "seed-0" / "pair" / "instruct" / "model.safetensors"
+    before = weights.read_bytes()
+    again = run_study(out, "--setting", "narrow", "--smallest")
+    assert again.returncode != 0
+    assert "already holds a run of setting narrow-smallest" in again.stderr, again.stderr[-2000:]
+    assert weights.read_bytes() == before
+
+
+def test_precondition_needs_both_bands_apart():
+    import toy_study
+
+    scores = {("base", 1): (5.0, 4.0, 6.0), ("instruct", 1): (9.0, 6.5, 11.0),
+              ("base", 32): (75.0, 66.0, 83.0), ("instruct", 32): (60.0, 50.0, 65.0)}
+    assert toy_study.precondition(scores, 32) == (True, True)
+    scores[("instruct", 32)] = (60.0, 50.0, 66.0)  # bands touch: not apart
+    assert toy_study.precondition(scores, 32) == (True, False)
