@@ -413,7 +413,10 @@ def dequantized_reading(merge_config, options) -> Iterator[None]:
             if not quant.mergeable or ref.lora is not None:
                 raise refusal(quant, f"model {ref}" + (" (with a LoRA)" if ref.lora else ""), directory)
             if not isinstance(loaders, dict):  # the mergekit internal this relies on (0.1.5)
-                raise ImportError("mergekit-timber: mergekit.io.tasks.LoaderCache has no class-level `loaders` dict")
+                raise TimberInputError(
+                    "mergekit.io.tasks.LoaderCache has no class-level `loaders` dict: this mergekit cannot read "
+                    f"block-FP8 model {ref} dequantized; run `mergekit-timber dequantize` on it first"
+                )
             inner = ref.merged(
                 cache_dir=options.lora_merge_cache,
                 trust_remote_code=options.trust_remote_code,

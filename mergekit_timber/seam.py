@@ -5,8 +5,10 @@ the output folder, runs preflight, merges into a staging folder inside the outpu
 (mergekit_timber.output_dir) with mergekit's own `run_merge`, copies the tokenizer and
 the generation config from the Instruct model (a failure stops the merge), writes the
 card (mergekit_timber/card.py; a failure there only warns) and publishes the model at
-the end; SIGTERM/SIGHUP clean up like Ctrl-C (mergekit_timber.signals). Weights and the
-vocabulary handling are untouched: the tensors are exactly mergekit's.
+the end; SIGTERM/SIGHUP clean up like Ctrl-C (mergekit_timber.signals). The tensor values
+and the vocabulary handling are mergekit's; block-FP8 inputs are read dequantized
+(mergekit_timber.quantized) and every tensor is written under the Instruct checkpoint's
+own name and layout (mergekit_timber.hub_layout).
 """
 
 from __future__ import annotations
