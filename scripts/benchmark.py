@@ -3,7 +3,7 @@
 
     python scripts/benchmark.py [--layers 28] [--small-layers 4] [--skip-naive]
         [--workdir DIR] [--kernel-only | --e2e-only] [--device cpu|cuda]
-        [--llama none|layers|full] [--no-profile] [--no-micro]
+        [--llama none|layers|full] [--no-profile] [--no-micro] [--readme-out PATH]
 
 Sections (all on the same synthetic Qwen3-0.6B-shaped pair, built and cached in
 WORKDIR/pairs by mergekit_timber.testing.synthetic):
@@ -28,6 +28,9 @@ WORKDIR/pairs by mergekit_timber.testing.synthetic):
    largest speed-up over the naive baseline it allows (scripts/bench_floor.py).
 5. Optionally a profile of a --small-layers merge (where the time goes;
    scripts/bench_profile.py).
+
+--readme-out PATH also writes what README.md's "Speed and memory" section shows (the jobs
+table, the targets table and a paragraph of the floor's figures) from this run.
 
 Timings are wall-clock on whatever else the machine is running: the load average and
 CPU pressure before and after are printed with the machine.
