@@ -3,7 +3,7 @@
 
     python scripts/benchmark.py [--layers 28] [--small-layers 4] [--skip-naive]
         [--workdir DIR] [--kernel-only | --e2e-only] [--device cpu|cuda]
-        [--llama none|layers|full] [--no-profile] [--no-micro]
+        [--llama none|layers|full] [--no-profile] [--no-micro] [--readme-out PATH]
 
 Sections (all on the same synthetic Qwen3-0.6B-shaped pair, built and cached in
 WORKDIR/pairs by mergekit_timber.testing.synthetic):
@@ -28,6 +28,9 @@ WORKDIR/pairs by mergekit_timber.testing.synthetic):
    largest speed-up over the naive baseline it allows (scripts/bench_floor.py).
 5. Optionally a profile of a --small-layers merge (where the time goes;
    scripts/bench_profile.py).
+
+--readme-out PATH also writes what README.md's "Speed and memory" section shows (the jobs
+table, the targets table and a paragraph of the floor's figures) from this run.
 
 Timings are wall-clock on whatever else the machine is running: the load average and
 CPU pressure before and after are printed with the machine.
@@ -129,11 +132,12 @@ def load_string() -> str:
 # =========================================================================== pairs
 
 
-def ensure_pair(workdir: Path, layers: int) -> Tuple[Path, Path]:
+def ensure_pair(workdir: Path, layers: int, tiny: bool = False) -> Tuple[Path, Path]:
     from mergekit_timber.testing.synthetic import QWEN3_0_6B_SHAPE, write_pair
 
-    kwargs = dict(QWEN3_0_6B_SHAPE, layers=layers)
-    out = workdir / "pairs" / f"qwen3-0.6b-L{layers}"
+    # tiny: write_pair's default (toy) shapes, for smoke tests of the script itself
+    kwargs = dict(layers=layers) if tiny else dict(QWEN3_0_6B_SHAPE, layers=layers)
+    out = workdir / "pairs" / (f"tiny-L{layers}" if tiny else f"qwen3-0.6b-L{layers}")
     marker = out / "complete.json"
     if marker.exists() and json.loads(marker.read_text()) == kwargs:
         return out / "base", out / "instruct"
@@ -239,7 +243,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_kernel_table(args, small_pair) -> List[str]:
+def run_kernel_table(args, small_pair, measured: Optional[dict] = None) -> List[str]:
     device = args.device
     routes = [r for r in args.routes.split(",") if r]
     for r in routes:
@@ -313,6 +317,8 @@ def run_kernel_table(args, small_pair) -> List[str]:
                     sm["time"] += res["time"]
                     sm["oracle_time"] += t_or or 0
         del b, i
+    if measured is not None:
+        measured["routes"] = summary
     out = [
         "## Kernel routes vs the float64-SVD oracle (lambda = 0.2)",
         "",
@@ -628,11 +634,11 @@ def naive_estimate(stats_file: Path, small: int, layers: int) -> Optional[float]
     return fixed + per_layer * layers + (s["load_s"] + s["save_s"]) * (layers / small - 1)
 
 
-def run_e2e(args, workdir: Path) -> List[str]:
+def run_e2e(args, workdir: Path, measured: Optional[dict] = None) -> List[str]:
     N, S = args.layers, args.small_layers
-    pairs = {S: ensure_pair(workdir, S)}
+    pairs = {S: ensure_pair(workdir, S, args.tiny_pair)}
     if N != S:
-        pairs[N] = ensure_pair(workdir, N)
+        pairs[N] = ensure_pair(workdir, N, args.tiny_pair)
     outdir = workdir / "out"
     if outdir.exists():
         shutil.rmtree(outdir)
@@ -711,6 +717,7 @@ def run_e2e(args, workdir: Path) -> List[str]:
 
     # ---- agreement
     agree_lines = []
+    agreement = None
     pairs_to_check = []
     if naive_layers is not None:
         pairs_to_check.append((f"timber L{naive_layers}", f"naive L{naive_layers}"))
@@ -722,6 +729,7 @@ def run_e2e(args, workdir: Path) -> List[str]:
         if "error" in c:
             agree_lines.append(f"| {a} vs {b} | {c['error']} | | | |")
             continue
+        agreement = c
         ok = "yes" if c["frac"] <= 1e-3 else "NO"
         extra = ""
         if c["only_a"] or c["only_b"]:
@@ -738,6 +746,9 @@ def run_e2e(args, workdir: Path) -> List[str]:
             floor = measure_floor(args, pairs[S])
         except RuntimeError as error:  # in the report, as micro/profile failures are
             floor_error = str(error)
+
+    if measured is not None:
+        measured.update(res=res, floor=floor, agreement=agreement, naive_layers=naive_layers)
 
     # ---- tables
     def mb(kb):
@@ -810,12 +821,119 @@ def run_e2e(args, workdir: Path) -> List[str]:
     return lines
 
 
+# =========================================================================== README figures
+
+
+JOB_LABELS = {
+    "timber": "`mergekit-yaml` timber",
+    "naive": "naive float64 SVD, whole model in memory",
+    "passthrough": "`mergekit-yaml` passthrough of the instruct model (mergekit alone)",
+    "sweep-4": "`mergekit-timber sweep`, 4 lambdas",
+}
+
+
+def readme_markdown(args, measured: dict) -> str:
+    """What README.md's "Speed and memory" section shows, from this run's measurements:
+    the jobs table, the targets table and a paragraph of the floor's figures."""
+    N, S = args.layers, args.small_layers
+    res: Dict[str, dict] = measured.get("res") or {}
+    routes: Dict[str, dict] = measured.get("routes") or {}
+    floor: Optional[List[dict]] = measured.get("floor")
+    naive_layers: Optional[int] = measured.get("naive_layers")
+
+    def ok(key: str) -> Optional[dict]:
+        r = res.get(key)
+        return r if r is not None and r["rc"] == 0 else None
+
+    def mb(kb) -> str:
+        return f"{kb / 1024:.0f}" if kb else "n/a"
+
+    lines = ["| job | layers | wall s | peak RSS MB | anon MB | file-backed MB |", "|---|---|---|---|---|---|"]
+    order = list(JOB_LABELS)
+    for key, r in sorted(res.items(), key=lambda kv: (order.index(kv[0].split()[0]), -kv[1]["layers"])):
+        wall = f"{r['wall']:.1f}" if r["rc"] == 0 else f"failed (exit {r['rc']})"
+        lines.append(f"| {JOB_LABELS[key.split()[0]]} | {r['layers']} | {wall} | {mb(r['maxrss_kb'])} | "
+                     f"{mb(r['anon_kb'])} | {mb(r['file_kb'])} |")  # fmt: skip
+    see_floor = " (see the floor)" if floor else ""
+
+    def row(target: str, value: Optional[float], shown: str, good, why_not: str = "") -> None:
+        if value is None:
+            lines.append(f"| {target} | not measured | |")
+        else:
+            lines.append(f"| {target} | {shown.format(value)} | {'yes' if good(value) else 'no' + why_not} |")
+
+    def ratio(a: Optional[dict], b: Optional[dict], field: str) -> Optional[float]:
+        return a[field] / b[field] if a and b and a.get(field) and b.get(field) else None
+
+    L = naive_layers
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    shown = "{:.2f}x" + ("" if L == N else f" at {L} layers")
+    row("end to end >= 5x faster than naive", ratio(ok(f"naive L{L}"), ok(f"timber L{L}"), "wall"), shown, lambda v: v >= 5, see_floor)
+    shown = "{:.2f}" + ("" if L == N else f" at {L} layers")
+    row("peak RSS <= 1/4 of naive", ratio(ok(f"timber L{L}"), ok(f"naive L{L}"), "maxrss_kb"), shown, lambda v: v <= 0.25)
+    wall = (ok(f"timber L{N}") or {}).get("wall")
+    row(f"{N} layers under 60 s", wall, "{:.1f} s", lambda v: v < 60, see_floor)
+    row(f"peak RSS {N} layers <= 1.2x {S} layers", ratio(ok(f"timber L{N}"), ok(f"timber L{S}"), "maxrss_kb")
+        if N != S else None, "{:.2f}", lambda v: v <= 1.2)  # fmt: skip
+    row("4-lambda sweep <= 1.3x one merge", ratio(ok(f"sweep-4 L{N}"), ok(f"timber L{N}"), "wall"), "{:.2f}",
+        lambda v: v <= 1.3)  # fmt: skip
+    kernel = routes.get("kernel")
+    if kernel and kernel["n"]:
+        same = kernel["n"] - kernel["kbad"]
+        met = "yes" if kernel["worst"] <= EXACT and kernel["kbad"] == 0 else "no"
+        lines.append(f"| exact: <= 1e-6 of the edit's norm, same K, on every case | worst {kernel['worst']:.1e}, "
+                     f"same K in {same}/{kernel['n']} cases | {met} |")  # fmt: skip
+    else:
+        lines.append("| exact: <= 1e-6 of the edit's norm, same K, on every case | not measured | |")
+    gpu = "not measured (no GPU)" if args.device == "cpu" else f"kernel table of the full report ({args.device})"
+    lines.append(f"| GPU: Qwen3-0.6B < 10 s, Llama-3.1-8B < 2 min on one H100 | {gpu} | unknown |")
+
+    prose = []
+    if floor:
+        def total(field: str) -> float:
+            return sum(r[field] * (N if ".layers." in r["name"] else 1) for r in floor)
+
+        eighs = sum(N if ".layers." in r["name"] else 1 for r in floor)
+        fl = total("gram") + total("eigh") + total("rebuild")
+        prose.append(
+            f"**The floor** ({N} layers, this run): the float64 work exactness needs on this route "
+            f"(delta + Gram GEMMs, `eigh`, the two rebuild GEMMs; inputs in memory) takes {fl:.1f} s "
+            f"(eigh {total('eigh'):.1f} s: {eighs} eigen-decompositions at ~{total('eigh') / eighs:.2f} s; "
+            f"GEMMs {total('gram') + total('rebuild'):.1f} s); the kernel as called takes {total('kernel'):.1f} s."
+        )
+        alone = (ok(f"passthrough L{N}") or {}).get("wall")
+        if alone is not None:
+            prose.append(f"Mergekit alone takes {alone:.1f} s, so the best this route can do here is about "
+                         f"{alone + fl:.1f} s" + ("." if not ok(f"naive L{N}") else
+                         f", at most {ok(f'naive L{N}')['wall'] / (alone + fl):.2f}x the naive run."))  # fmt: skip
+    if kernel and kernel["time"]:
+        others = []
+        for name, sm in routes.items():
+            if name == "kernel" or not sm["time"]:
+                continue
+            exact = name == "svd64" or (sm["worst"] <= EXACT and sm["kbad"] == 0)
+            others.append(f"`{name}` {sm['time'] / kernel['time']:.1f}x" +
+                          ("" if exact else f" (not exact: worst deviation {sm['worst']:.0e})"))  # fmt: skip
+        if others:
+            prose.append("Time of the other routes on the Qwen3-0.6B tensors, relative to the kernel: "
+                         + ", ".join(others) + ".")  # fmt: skip
+    agreement = measured.get("agreement")
+    if agreement:
+        prose.append(f"Outputs of timber and of the naive baseline ({naive_layers} layers) differ on "
+                     f"{agreement['frac']:.1e} of the bf16 elements (largest difference {agreement['maxabs']:.1e}).")  # fmt: skip
+    if "minutes" in measured:
+        prose.append(f"This run of the benchmark took about {measured['minutes']:.0f} minutes.")
+    if prose:
+        lines += ["", " ".join(prose)]
+    return "\n".join(lines) + "\n"
+
+
 # =========================================================================== profile
 
 
 def run_profile(args, workdir: Path) -> List[str]:
     S = args.small_layers
-    pair = ensure_pair(workdir, S)
+    pair = ensure_pair(workdir, S, args.tiny_pair)
     cfg = write_yaml(workdir / f"timber-L{S}.yml", *pair)
     out = workdir / "out-profile"
     shutil.rmtree(out, ignore_errors=True)
@@ -878,6 +996,10 @@ def main(argv=None) -> int:
                          "output of a small model in memory until the end; 'default' keeps mergekit's)")
     ap.add_argument("--e2e-repeats", type=int, default=1,
                     help="run each end-to-end job this many times; report the best wall time (default 1)")
+    ap.add_argument("--readme-out", metavar="PATH",
+                    help="also write the README's figures (jobs table, targets table, the floor) to PATH (markdown)")
+    ap.add_argument("--tiny-pair", action="store_true",
+                    help="toy shapes instead of Qwen3-0.6B's (a smoke test of this script; figures meaningless)")
     ap.add_argument("--keep-outputs", action="store_true", help="keep the merged models in WORKDIR/out")
     args = ap.parse_args(argv)
     if args.out_shard_size == "default":
@@ -890,18 +1012,24 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     report = ["# Timber benchmark", "", "## Machine", "", *machine_info(args.device)]
     small_pair = None
+    measured: dict = {}
     if not args.e2e_only:
-        small_pair = ensure_pair(workdir, args.small_layers)
-        report += ["", *run_kernel_table(args, small_pair)]
+        small_pair = ensure_pair(workdir, args.small_layers, args.tiny_pair)
+        report += ["", *run_kernel_table(args, small_pair, measured)]
         if not args.no_micro and args.device == "cpu":
             report += ["", *run_micro(args, small_pair)]
     if not args.kernel_only:
-        report += ["", *run_e2e(args, workdir)]
+        report += ["", *run_e2e(args, workdir, measured)]
         if not args.no_profile:
             report += ["", *run_profile(args, workdir)]
     report += ["", f"- load at end: {load_string()}", f"- benchmark wall time: {(time.perf_counter() - t_start) / 60:.1f} min"]
     text = "\n".join(report) + "\n"
     (workdir / "report.md").write_text(text)
+    if args.readme_out:
+        measured["minutes"] = (time.perf_counter() - t_start) / 60
+        Path(args.readme_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.readme_out).write_text(readme_markdown(args, measured))
+        log(f"[readme] the README's figures written to {args.readme_out}")
     print(text)
     return 0
 

@@ -25,3 +25,28 @@ def test_floor_rows_for_a_layer_matrix_and_the_embedding(tmp_path):
     for row in rows:
         assert 1 <= row["k"] <= min(row["shape"]) and 0 < row["width"] <= min(row["shape"])
         assert all(row[key] > 0 for key in ("kernel", "gram", "eigh", "rebuild"))
+
+
+BENCHMARK = SCRIPT.parent / "benchmark.py"
+
+
+def test_benchmark_writes_the_readme_figures(tmp_path):
+    """--readme-out (the README's "Speed and memory" block) holds the jobs table, the
+    targets table and the floor paragraph, rendered from the run (toy pair, few jobs)."""
+    out = tmp_path / "docs" / "benchmark.md"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--tiny-pair", "--e2e-only", "--layers", "1", "--small-layers", "1",
+         "--skip-naive", "--no-sweep", "--no-profile", "--repeats", "1", "--workdir", str(tmp_path / "work"),
+         "--readme-out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "| job | layers | wall s | peak RSS MB | anon MB | file-backed MB |" in text
+    assert "\n| `mergekit-yaml` timber | 1 | " in text
+    assert "\n| `mergekit-yaml` passthrough of the instruct model (mergekit alone) | 1 | " in text
+    assert "| target | measured | met |" in text
+    assert "\n| 1 layers under 60 s | " in text
+    assert "\n| end to end >= 5x faster than naive | not measured | |" in text  # --skip-naive
+    assert "**The floor** (1 layers, this run): " in text and "the kernel as called takes " in text
+    assert "\n<!--" not in text and "generated" not in text  # the README's markers stay in README.md
