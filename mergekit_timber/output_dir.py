@@ -123,6 +123,19 @@ def is_write_failure(error: BaseException) -> bool:
     return isinstance(error, OSError) or type(error).__name__ == "SafetensorError" or _torch_write_error(error)
 
 
+@contextlib.contextmanager
+def writing_into(folder: Path):
+    """A failed write into `folder` (disk full, read-only: any `is_write_failure`) as one
+    line naming the folder as the user knows it and the file written; other errors pass."""
+    try:
+        yield
+    except Exception as error:
+        if not is_write_failure(error):  # disk full is a SafetensorError, not an OSError
+            raise
+        cause = describe(error, written=folder)
+        raise TimberOutputError(f"writing the merged model into {display(folder)} failed: {cause}") from error
+
+
 def _torch_write_error(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text)

@@ -23,7 +23,7 @@ from typing import Iterable, List, Optional
 from mergekit_timber import finite, guard, hub_layout, preflight, quantized, signals
 from mergekit_timber.card import has_tokenizer, mergekit_makes_tokenizer, model_card
 from mergekit_timber.errors import TimberOutputError
-from mergekit_timber.output_dir import OutputDir, describe, display, is_write_failure
+from mergekit_timber.output_dir import OutputDir, describe, writing_into
 from mergekit_timber.recipe import instruct_model, is_timber, with_instruct_as_donor
 
 LOG = logging.getLogger(__name__)
@@ -80,18 +80,12 @@ def write_merge(
     if run_as is not None:
         inner_config = inner_config.model_copy(update={"merge_method": run_as})
     inner_options = options.model_copy(update={"copy_tokenizer": False, "write_model_card": False})
-    try:
-        # block-FP8 inputs are read dequantized; tensors are written under the Instruct
-        # checkpoint's own names and layout (hub_layout).
-        with quantized.dequantized_reading(config, options), hub_layout.written_like_instruct(
-            instruct_dir(config, options), [stage], trust_remote_code=options.trust_remote_code
-        ):
-            guard.lookup("mergekit.merge.run_merge")(inner_config, str(stage), options=inner_options)
-    except Exception as error:
-        if not is_write_failure(error):  # disk full is a SafetensorError, not an OSError
-            raise
-        cause = describe(error, written=stage)
-        raise TimberOutputError(f"writing the merged model into {display(stage)} failed: {cause}") from error
+    # block-FP8 inputs are read dequantized; tensors are written under the Instruct
+    # checkpoint's own names and layout (hub_layout).
+    with writing_into(stage), quantized.dequantized_reading(config, options), hub_layout.written_like_instruct(
+        instruct_dir(config, options), [stage], trust_remote_code=options.trust_remote_code
+    ):
+        guard.lookup("mergekit.merge.run_merge")(inner_config, str(stage), options=inner_options)
     finite.check_written(stage)
 
     instruct, source = instruct_model(config).model.path, instruct_dir(config, options)

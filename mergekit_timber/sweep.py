@@ -29,8 +29,8 @@ import yaml
 
 from mergekit_timber.checkpoint import open_written
 from mergekit_timber import finite, hub_layout, signals
-from mergekit_timber.errors import TimberConfigError, TimberOutputError
-from mergekit_timber.output_dir import describe, display, is_weight_file, is_write_failure
+from mergekit_timber.errors import TimberConfigError
+from mergekit_timber.output_dir import display, is_weight_file, writing_into
 
 SIDE_SHARD_BYTES = 1_000_000_000
 
@@ -161,7 +161,7 @@ def _write_and_publish(targets, configs, texts, lambdas, options) -> None:
 
         with open_written(stages[0], "sweep output") as first_output:
             for stage, writer in zip(stages[1:], writers):
-                with _writing(stage):
+                with writing_into(stage):
                     # Tensors mergekit wrote without calling the method (non-float buffers,
                     # passthrough) do not depend on lambda: take them from the first output
                     # (both name them as the Instruct checkpoint does).
@@ -182,16 +182,6 @@ def _write_and_publish(targets, configs, texts, lambdas, options) -> None:
     for target in targets:
         target.publish()
 
-
-@contextlib.contextmanager
-def _writing(stage: Path):
-    """A failed write of an extra output (disk full: safetensors' own error) as one line."""
-    try:
-        yield
-    except Exception as error:
-        if not is_write_failure(error):
-            raise
-        raise TimberOutputError(f"writing the merged model into {display(stage)} failed: {describe(error, written=stage)}") from error
 
 
 _SWEEP_IDS = itertools.count(1)
