@@ -48,7 +48,8 @@ def add_explainer(explain) -> None:
         _EXPLAINERS.append(explain)
 
 
-# The merge methods this package adds, and mergekit 0.1.5's message for a name it does not
+# The merge methods this package registers (a sweep's own instance is named timber-sweep-*;
+# the one definition, also read as guard.TIMBER_METHODS), and mergekit 0.1.5's message for a name it does not
 # know (mergekit.merge_methods.registry.get); if that text changes, the hint is just not given.
 TIMBER_METHODS = ("timber", "timber_l")
 _UNKNOWN_METHOD = "Unimplemented merge method "

@@ -25,15 +25,12 @@ import string
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
-from mergekit_timber.errors import TimberError
+from mergekit_timber.errors import TIMBER_METHODS, TimberError  # noqa: F401 - TIMBER_METHODS: guard.TIMBER_METHODS
 
 LOG = logging.getLogger(__name__)
 
 # mergekit versions the test suite has been run against (README: "How the registration works").
 VERIFIED_MERGEKIT = ("0.1.5",)
-
-# The merge methods this package registers (a sweep's own instance is named timber-sweep-*).
-TIMBER_METHODS = ("timber", "timber_l")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from mergekit_timber import quantized
 from mergekit_timber.errors import TimberConfigError, TimberError, TimberInputError, add_explainer
-from mergekit_timber.guard import TIMBER_METHODS
+from mergekit_timber.errors import TIMBER_METHODS
 from mergekit_timber.recipe import base_model
 
 LOG = logging.getLogger(__name__)
