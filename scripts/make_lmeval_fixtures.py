@@ -66,6 +66,18 @@ filter_list:
     filter:
       - function: remove_whitespace
 """
+# A regex filter with no take_first keeps every repeat; exact_match then stores c/n.
+ALL_REPEATS_EXACT_MATCH = """\
+filter_list:
+  - name: all
+    filter:
+      - function: regex
+        regex_pattern: "([abc])"
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
 TASKS = {
     # process_results returns one 0/1 per completion: the per-repeat list.
     "tiny_repeat_list": SAMPLE + KEEP_ALL + """\
@@ -92,33 +104,14 @@ metric_list:
     k: [2, 8]
 """,
     # exact_match over all repeats (regex filter without take_first): lm-eval stores c/n.
-    "tiny_em_all": SAMPLE + """\
-filter_list:
-  - name: all
-    filter:
-      - function: regex
-        regex_pattern: "([abc])"
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-""",
+    "tiny_em_all": SAMPLE + ALL_REPEATS_EXACT_MATCH,
     # The same with greedy decoding: the 8 repeats agree, so every value is 0.0 or 1.0.
     "tiny_em_greedy": """\
 generation_kwargs:
   until: ["\\n"]
   max_gen_toks: 1
   do_sample: false
-filter_list:
-  - name: all
-    filter:
-      - function: regex
-        regex_pattern: "([abc])"
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-""",
+""" + ALL_REPEATS_EXACT_MATCH,
     # No filter_list: lm-eval's default 'none' filter is take_first (1 of 8 scored).
     "tiny_take_first": SAMPLE + """\
 metric_list:
