@@ -3,8 +3,8 @@
 # torch is pinned to the CPU build by default: an unpinned torch pulls a CUDA build of
 # several GB. On a GPU machine bring your own torch first, or set TORCH_SPEC.
 #
-# Says what it installs and how long that usually takes (first run: 3 to 5 minutes on a
-# 2-core machine with a fast connection; later runs: about 20 s), and
+# Says what it installs and how long that usually takes (first run: 1 to 5 minutes on a
+# 2-core machine, depending on pip's cache and the connection; later runs: 10-30 s), and
 # prints a line at least every 10 s while pip works. pip's full output: $VENV/setup.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
