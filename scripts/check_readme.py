@@ -121,6 +121,11 @@ def environment(repo: Path) -> dict:
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     if "PYTHONPATH" in env:  # a checkout on PYTHONPATH must be the copy, not the original
         env["PYTHONPATH"] = os.pathsep.join(str(repo) if Path(p).resolve() == ROOT else p for p in env["PYTHONPATH"].split(os.pathsep))
+    if (repo / ".venv").is_symlink():
+        # The copy shares the original's .venv: it runs from PYTHONPATH, and setup.sh must not
+        # re-point the venv's editable install at the copy (gone after the check).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+        env["MERGEKIT_TIMBER_SETUP_KEEP_INSTALL"] = "1"
     return env
 
 

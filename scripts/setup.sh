@@ -52,6 +52,12 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 else
     say "torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') already in $VENV: kept"
 fi
-run_step "installing mergekit-timber (editable) with mergekit 0.1.5, transformers and the test tools (usually 2-3 min the first time, 10 s after)" \
-    "$VENV/bin/python" -m pip install -e ".[test]"
+if [ "${MERGEKIT_TIMBER_SETUP_KEEP_INSTALL:-0}" = 1 ]; then
+    # scripts/check_readme.py runs commands in a temporary copy that shares this .venv:
+    # re-pointing the venv's editable install at that copy would break it once the copy is gone.
+    say "keeping the installed packages (MERGEKIT_TIMBER_SETUP_KEEP_INSTALL=1; this checkout runs from PYTHONPATH)"
+else
+    run_step "installing mergekit-timber (editable) with mergekit 0.1.5, transformers and the test tools (usually 2-3 min the first time, 10 s after)" \
+        "$VENV/bin/python" -m pip install -e ".[test]"
+fi
 say "done: $VENV is ready (pip's output: $LOG)"
