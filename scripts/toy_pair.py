@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a tiny Base/Instruct pair (Qwen3 architecture) on the CPU, deterministically.
 
-    python scripts/toy_pair.py OUT [--preset default|fast|smallest|narrow|narrow-smallest] [--seed 0]
+    python scripts/toy_pair.py OUT [--preset NAME] [--seed 0]
 
 Base: a small Qwen3ForCausalLM trained from scratch on plain-text sums of digits written
 out along several valid solution paths (scripts/toy_task.py), documents separated by
@@ -9,7 +9,9 @@ out along several valid solution paths (scripts/toy_task.py), documents separate
 - default, fast, smallest: Base fine-tuned (SFT, loss on the assistant turn only) on chats
   in ONE teacher answer style;
 - narrow*: Base after rounds of rejection-sampling fine-tuning on its OWN correct samples
-  (no teacher; longer sums), the post-training that narrows (docs/toy_narrow_plan.md).
+  (no teacher; longer sums), the post-training that narrows (docs/toy_narrow_plan.md);
+- narrow-pg*: Base after one such round (to learn the chat format), then on-policy policy
+  gradient with a 0/1 verifiable reward (docs/toy_narrow_pg_plan.md).
 Both get a Qwen-style chat template and ``<|im_end|>`` as end of turn. Both share one
 character-level tokenizer (same ids, so same tensor shapes, as Timber needs); they differ
 where real pairs differ: the Instruct has the chat template and eos ``<|im_end|>`` in its
@@ -77,6 +79,15 @@ class Preset:
     rft_samples: int = 0  # samples per problem per round
     rft_temperature: float = 1.0
     rft_max_new_tokens: int = 96
+    # "rft+pg": after the rft rounds, pg_steps steps of on-policy policy gradient: each step
+    # samples pg_samples completions at pg_temperature for each of pg_problems fresh training
+    # problems, rewards a correct final answer with 1, and raises the log-probability of each
+    # completion by its reward minus its group's mean (no KL term, no clipping of ratios).
+    pg_steps: int = 0
+    pg_problems: int = 0
+    pg_samples: int = 0
+    pg_lr: float = 0.0
+    pg_temperature: float = 1.0
 
 
 PRESETS = {
@@ -100,6 +111,18 @@ PRESETS = {
                               sft_steps=10, batch=8, block=64, base_lr=3e-3, sft_lr=1e-3, held_out=8,
                               lengths=(2, 3), post="rft", rft_rounds=2, rft_problems=16, rft_samples=4,
                               rft_temperature=0.5, rft_max_new_tokens=48),
+    # The policy-gradient narrowing setting (docs/toy_narrow_pg_plan.md): the narrow preset's
+    # Base and task; one wider rejection-sampling round teaches the chat format, then 150 steps
+    # of policy gradient on 16 problems x 8 samples.
+    "narrow-pg": Preset(hidden=128, layers=3, heads=4, kv_heads=2, intermediate=256, base_steps=500,
+                        sft_steps=150, batch=16, block=128, base_lr=3e-3, sft_lr=1e-3, held_out=100,
+                        lengths=(5, 6, 7), post="rft+pg", rft_rounds=1, rft_problems=1024, rft_samples=8,
+                        rft_temperature=0.5, pg_steps=150, pg_problems=16, pg_samples=8, pg_lr=1e-4),
+    "narrow-pg-smallest": Preset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, base_steps=40,
+                                 sft_steps=10, batch=8, block=64, base_lr=3e-3, sft_lr=1e-3, held_out=8,
+                                 lengths=(2, 3), post="rft+pg", rft_rounds=1, rft_problems=16, rft_samples=4,
+                                 rft_temperature=0.5, rft_max_new_tokens=48, pg_steps=6, pg_problems=4,
+                                 pg_samples=4, pg_lr=1e-4),
 }
 
 
@@ -239,8 +262,9 @@ def chat_batches(raw, batch_size: int, example):
 
 
 def sample_replies(model, raw, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
-                   stops: list[int], label: str, batch_size: int = 256) -> list[list[str]]:
-    """N sampled completions per prompt (text up to the first stop token), left-padded batches."""
+                   stops: list[int], label: str, batch_size: int = 256, quiet: bool = False) -> list[list[str]]:
+    """N sampled completions per prompt (text up to the first stop token), left-padded batches.
+    QUIET: no progress lines (a policy-gradient step samples once; its loop reports)."""
     import torch
 
     pad = raw.token_to_id(ENDOFTEXT)
@@ -248,7 +272,7 @@ def sample_replies(model, raw, prompts: list[str], n: int, temperature: float, m
     encoded = [raw.encode(p).ids for p in prompts]
     replies: list[list[str]] = [[] for _ in prompts]
     starts = range(0, len(jobs), batch_size)
-    for first in progress(starts, len(starts), f"{label} sampling batches of {batch_size}"):
+    for first in starts if quiet else progress(starts, len(starts), f"{label} sampling batches of {batch_size}"):
         chunk = jobs[first : first + batch_size]
         width = max(len(encoded[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -296,6 +320,77 @@ def rejection_sampling_rounds(model, raw, preset: Preset, train_problem, rng: ra
         print(f"rft round {r}: {len(kept)} correct of {len(problems) * preset.rft_samples} samples, "
               f"{solved}/{len(problems)} problems, {trained}", file=sys.stderr, flush=True)
     return rounds
+
+
+# A fixed normaliser of the policy-gradient loss (samples per step x this many tokens), as
+# Dr. GRPO does, so a long wrong completion does not weigh less per token than a short one.
+PG_TOKENS_PER_SAMPLE = 40
+
+
+def policy_gradient_loss(model, rows: list[tuple[list[int], int, float]], pad: int, normaliser: float):
+    """-(sum over ROWS of advantage x log-probability of the completion) / NORMALISER.
+    A row is (prompt + completion token ids, prompt length, advantage)."""
+    import torch
+
+    width = max(len(x) for x, _, _ in rows)
+    inputs = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    completion = torch.zeros((len(rows), width), dtype=torch.float32)
+    advantage = torch.tensor([a for _, _, a in rows])
+    for i, (x, prompt_length, _) in enumerate(rows):
+        inputs[i, : len(x)] = torch.tensor(x)
+        attention[i, : len(x)] = 1
+        completion[i, prompt_length : len(x)] = 1
+    logits = model(input_ids=inputs, attention_mask=attention).logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, inputs[:, 1:, None])[..., 0]
+    return -((logp * completion[:, 1:]).sum(1) * advantage).sum() / normaliser
+
+
+def policy_gradient(model, raw, preset: Preset, train_problem, rng: random.Random, ids: dict[str, int]) -> dict:
+    """On-policy policy gradient with a verifiable 0/1 reward (a correct last \\boxed{}) and
+    the group's mean reward as baseline (GRPO without its std scaling, no KL term): each step
+    samples the chat model on fresh training problems and takes one AdamW step (constant
+    learning rate). A group whose samples all score the same teaches nothing and is left out."""
+    import torch
+
+    stops = [ids[IM_END], ids[ENDOFTEXT]]
+    group_size = preset.pg_problems * preset.pg_samples
+    optimizer = torch.optim.AdamW(model.parameters(), lr=preset.pg_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    rewards, updates = [], 0
+    start = time.time()
+    for step in range(preset.pg_steps):
+        problems = [train_problem(rng) for _ in range(preset.pg_problems)]
+        prompts = [chat_text(p, with_answer=False)[0] for p in problems]
+        model.eval()
+        replies = sample_replies(model, raw, prompts, preset.pg_samples, preset.pg_temperature,
+                                 preset.rft_max_new_tokens, stops, "pg", batch_size=group_size, quiet=True)
+        rows, correct = [], 0
+        for problem, prompt, group in zip(problems, prompts, replies):
+            scores = [1.0 if check_boxed(x, str(toy_task.answer(problem))) else 0.0 for x in group]
+            correct += sum(scores)
+            mean = sum(scores) / len(scores)
+            for reply, score in zip(group, scores):
+                if score != mean:
+                    rows.append((raw.encode(prompt).ids + raw.encode(reply).ids + [ids[IM_END]],
+                                 len(raw.encode(prompt).ids), score - mean))
+        rewards.append(correct / group_size)
+        if step % 10 == 0 or step == preset.pg_steps - 1:
+            recent = rewards[-10:]
+            print(f"pg step {step + 1}/{preset.pg_steps}: mean reward of the last {len(recent)} steps "
+                  f"{sum(recent) / len(recent):.3f} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+        if not rows:
+            continue
+        model.train()
+        loss = policy_gradient_loss(model, rows, ids[ENDOFTEXT], group_size * PG_TOKENS_PER_SAMPLE)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        updates += 1
+    model.eval()
+    return {"steps": preset.pg_steps, "updates": updates, "samples": preset.pg_steps * group_size,
+            "reward_per_10_steps": [round(sum(rewards[i : i + 10]) / len(rewards[i : i + 10]), 4)
+                                    for i in range(0, len(rewards), 10)]}
 
 
 def save_model(model, tokenizer, path: Path, instruct: bool, ids: dict[str, int]) -> None:
@@ -349,8 +444,10 @@ def build_pair(out: Path, preset_name: str = "default", seed: int = 0, threads: 
                           preset.sft_steps, preset.sft_lr, "sft")
         record["sft_final_loss"] = round(sft_loss, 4)
     else:
-        record["rft_rounds"] = rejection_sampling_rounds(model, raw, preset, train_problem,
-                                                         random.Random(seed + 2), ids)
+        post_rng = random.Random(seed + 2)
+        record["rft_rounds"] = rejection_sampling_rounds(model, raw, preset, train_problem, post_rng, ids)
+        if preset.post == "rft+pg":
+            record["pg"] = policy_gradient(model, raw, preset, train_problem, post_rng, ids)
     save_model(model, wrap_tokenizer(raw, instruct=True), out / "instruct", instruct=True, ids=ids)
 
     record.update(train_seconds=round(time.time() - start, 1),

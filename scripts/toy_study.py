@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Timber on pairs that were actually trained: train, merge, sample, score, analyse.
 
-    python scripts/toy_study.py [-o toy_study] [--setting default|narrow] [--smallest|--fast]
+    python scripts/toy_study.py [-o toy_study] [--setting default|narrow|narrow-pg] [--smallest|--fast]
 
 Settings (scripts/toy_pair.py has their presets):
   default  Instruct = Base fine-tuned (SFT) on one teacher answer style; one seed.
   narrow   Instruct = Base after rounds of rejection-sampling fine-tuning on its own correct
            samples (no teacher), on longer sums; seeds 0, 1, 2 (docs/toy_narrow_plan.md).
+  narrow-pg  the same Base and problems; Instruct = one rejection-sampling round, then
+           on-policy policy gradient with a 0/1 reward; seeds 0, 1, 2
+           (docs/toy_narrow_pg_plan.md).
 --smallest shrinks either setting (a smoke run), --fast the default one (a quick look).
 Each run writes its own folder OUT/SETTING[-SIZE]/ and refuses one that already holds
 files, so runs of different settings or sizes never mix.
@@ -75,6 +78,12 @@ SETTINGS = {
                       batch_size=256, max_new_tokens=96),
     "narrow-smallest": Setting("narrow-smallest", (0, 1), (0.5,), n=4, bootstrap=50, table_ks=(1, 4),
                                batch_size=256, max_new_tokens=48),
+    # Fixed in docs/toy_narrow_pg_plan.md before any Timber merge of this setting was run:
+    # the narrow setting's evaluation unchanged, only the post-training differs.
+    "narrow-pg": Setting("narrow-pg", (0, 1, 2), (0.2, 0.5, 0.8), n=32, bootstrap=1000, table_ks=(1, 4, 16, 32),
+                         batch_size=256, max_new_tokens=96),
+    "narrow-pg-smallest": Setting("narrow-pg-smallest", (0, 1), (0.5,), n=4, bootstrap=50, table_ks=(1, 4),
+                                  batch_size=256, max_new_tokens=48),
 }
 SIZES = ("full", "fast", "smallest")
 TEMPERATURE = 1.0
@@ -302,8 +311,12 @@ def versions() -> str:
 
 
 def describe(name: str, setting: Setting, pair_info: dict) -> str:
-    if pair_info.get("rft_rounds"):
-        post = f"{len(pair_info['rft_rounds'])} rounds of rejection-sampling fine-tuning on its own correct samples"
+    rounds = len(pair_info.get("rft_rounds") or ())
+    if pair_info.get("pg"):
+        post = (f"{rounds} round{'s' * (rounds > 1)} of rejection-sampling fine-tuning on its own correct samples, "
+                f"then {pair_info['pg']['steps']} steps of policy gradient with a 0/1 reward on its own samples")
+    elif rounds:
+        post = f"{rounds} rounds of rejection-sampling fine-tuning on its own correct samples"
     else:
         post = "SFT on one teacher answer style"
     lengths = pair_info["settings"].get("lengths", (3, 4, 5))  # a pair.json from before the narrow setting
@@ -322,8 +335,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output", type=Path, default=Path("toy_study"),
                    help="parent directory; the run writes OUTPUT/SETTING[-SIZE]/ (default toy_study/)")
-    p.add_argument("--setting", choices=("default", "narrow"), default="default",
-                   help="default: SFT Instruct, one seed; narrow: rejection-sampling Instruct, 3 seeds")
+    p.add_argument("--setting", choices=("default", "narrow", "narrow-pg"), default="default",
+                   help="default: SFT Instruct, one seed; narrow: rejection-sampling Instruct, 3 seeds; "
+                        "narrow-pg: policy-gradient Instruct, 3 seeds")
     p.add_argument("--size", choices=SIZES, default="full", help="full (default), fast, smallest")
     p.add_argument("--smallest", action="store_const", const="smallest", dest="size", help="same as --size smallest")
     p.add_argument("--fast", action="store_const", const="fast", dest="size", help="same as --size fast")

@@ -153,6 +153,64 @@ def smallest_runs(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, 
     return out, default, narrow
 
 
+def test_narrow_pg_setting_runs_end_to_end_smallest(tmp_path):
+    """The policy-gradient setting at its smallest: one rejection round, then policy-gradient
+    steps that update the model, merged, sampled, scored per seed and pooled."""
+    run = run_study(tmp_path, "--setting", "narrow-pg", "--smallest")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    root = tmp_path / "narrow-pg-smallest"
+    labels = ["base", "instruct", "timber_l", "timber-0.5"]
+    pairs = []
+    for seed in (0, 1):
+        check_seed_folder(root / f"seed-{seed}", labels, problems=8, n=4)
+        pairs.append(json.loads((root / f"seed-{seed}" / "pair" / "pair.json").read_text()))
+    for pair in pairs:
+        assert pair["settings"]["post"] == "rft+pg" and [r["round"] for r in pair["rft_rounds"]] == [1]
+        assert pair["pg"]["steps"] == 6 and pair["pg"]["samples"] == 6 * 4 * 4
+        assert len(pair["pg"]["reward_per_10_steps"]) == 1
+    # A step with no mixed group takes no update; at least one step of the two seeds did.
+    assert sum(pair["pg"]["updates"] for pair in pairs) > 0, pairs
+    summary = (root / "summary.md").read_text()
+    assert summary == run.stdout
+    assert "then 6 steps of policy gradient with a 0/1 reward" in summary
+    assert all(f"| {label} |" in summary for label in labels)
+    for stage in ("rft round 1: ", "pg step 1/6: mean reward", "pg step 6/6: ", "sampling timber-0.5: 32/32 done"):
+        assert stage in run.stderr, run.stderr[-3000:]
+
+
+def test_policy_gradient_loss_weighs_completion_log_probs_by_advantage():
+    """The loss against log-probabilities summed by hand over each row's completion tokens
+    (one row at a time, no padding); one step raises the rewarded completion's probability
+    and lowers the other's."""
+    raw = toy_pair.build_tokenizer()
+    ids = {t: raw.token_to_id(t) for t in toy_pair.SPECIALS}
+    toy_pair.seed_everything(0)
+    from transformers import Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM(toy_pair.model_config(toy_pair.PRESETS["smallest"], raw.get_vocab_size(), ids)).eval()
+    prompt = raw.encode(toy_pair.chat_text((3, 4), with_answer=False)[0]).ids
+    good, bad = raw.encode("3+4=7\\boxed{7}").ids, raw.encode("\\boxed{9}").ids
+    rows = [(prompt + good + [ids[toy_pair.IM_END]], len(prompt), 0.5),
+            (prompt + bad + [ids[toy_pair.IM_END]], len(prompt), -0.5)]
+
+    def completion_log_prob(row) -> float:
+        tokens, start, _ = row
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens])).logits[0]
+        logp = torch.log_softmax(logits.double(), -1)
+        return sum(float(logp[i - 1, tokens[i]]) for i in range(start, len(tokens)))
+
+    before = [completion_log_prob(r) for r in rows]
+    loss = toy_pair.policy_gradient_loss(model, rows, ids[toy_pair.ENDOFTEXT], normaliser=10.0)
+    expected = -(0.5 * before[0] - 0.5 * before[1]) / 10.0
+    assert abs(loss.item() - expected) < 1e-4, (loss.item(), expected)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss.backward()
+    optimizer.step()
+    after = [completion_log_prob(r) for r in rows]
+    assert after[0] > before[0] and after[1] < before[1], (before, after)
+
+
 def test_narrow_setting_runs_end_to_end_smallest(smallest_runs):
     """Rejection-sampling Instruct on two seeds, merged, sampled, scored per seed and pooled."""
     out, _, narrow = smallest_runs
