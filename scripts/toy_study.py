@@ -10,7 +10,7 @@ Settings (scripts/toy_pair.py has their presets):
   narrow-pg  the same Base and problems; Instruct = one rejection-sampling round, then
            on-policy policy gradient with a 0/1 reward; seeds 0, 1, 2
            (docs/toy_narrow_pg_plan.md).
---smallest shrinks either setting (a smoke run), --fast the default one (a quick look).
+--smallest shrinks any setting (a smoke run), --fast the default one (a quick look).
 Each run writes its own folder OUT/SETTING[-SIZE]/ and refuses one that already holds
 files, so runs of different settings or sizes never mix.
 
