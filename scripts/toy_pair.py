@@ -90,6 +90,12 @@ class Preset:
     pg_temperature: float = 1.0
 
 
+NARROW = Preset(hidden=128, layers=3, heads=4, kv_heads=2, intermediate=256, base_steps=500, sft_steps=150,
+                batch=16, block=128, base_lr=3e-3, sft_lr=1e-3, held_out=100, lengths=(5, 6, 7), post="rft",
+                rft_rounds=3, rft_problems=256, rft_samples=8, rft_temperature=0.5)
+NARROW_SMALLEST = Preset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, base_steps=40, sft_steps=10,
+                         batch=8, block=64, base_lr=3e-3, sft_lr=1e-3, held_out=8, lengths=(2, 3), post="rft",
+                         rft_rounds=2, rft_problems=16, rft_samples=4, rft_temperature=0.5, rft_max_new_tokens=48)
 PRESETS = {
     # About 5 minutes on 2 CPU cores.
     "default": Preset(hidden=128, layers=3, heads=4, kv_heads=2, intermediate=256, base_steps=800,
@@ -102,27 +108,16 @@ PRESETS = {
     # The narrowing setting (docs/toy_narrow_plan.md): longer sums than Base masters, and an
     # Instruct post-trained on nothing but its own correct samples. sft_steps/sft_lr are the
     # fine-tuning steps and learning rate of each round.
-    "narrow": Preset(hidden=128, layers=3, heads=4, kv_heads=2, intermediate=256, base_steps=500,
-                     sft_steps=150, batch=16, block=128, base_lr=3e-3, sft_lr=1e-3, held_out=100,
-                     lengths=(5, 6, 7), post="rft", rft_rounds=3, rft_problems=256, rft_samples=8,
-                     rft_temperature=0.5),
+    "narrow": NARROW,
     # Shorter sums, so that its barely trained Base gets a few right and the rounds fine-tune.
-    "narrow-smallest": Preset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, base_steps=40,
-                              sft_steps=10, batch=8, block=64, base_lr=3e-3, sft_lr=1e-3, held_out=8,
-                              lengths=(2, 3), post="rft", rft_rounds=2, rft_problems=16, rft_samples=4,
-                              rft_temperature=0.5, rft_max_new_tokens=48),
+    "narrow-smallest": NARROW_SMALLEST,
     # The policy-gradient narrowing setting (docs/toy_narrow_pg_plan.md): the narrow preset's
-    # Base and task; one wider rejection-sampling round teaches the chat format, then 150 steps
-    # of policy gradient on 16 problems x 8 samples.
-    "narrow-pg": Preset(hidden=128, layers=3, heads=4, kv_heads=2, intermediate=256, base_steps=500,
-                        sft_steps=150, batch=16, block=128, base_lr=3e-3, sft_lr=1e-3, held_out=100,
-                        lengths=(5, 6, 7), post="rft+pg", rft_rounds=1, rft_problems=1024, rft_samples=8,
-                        rft_temperature=0.5, pg_steps=150, pg_problems=16, pg_samples=8, pg_lr=1e-4),
-    "narrow-pg-smallest": Preset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, base_steps=40,
-                                 sft_steps=10, batch=8, block=64, base_lr=3e-3, sft_lr=1e-3, held_out=8,
-                                 lengths=(2, 3), post="rft+pg", rft_rounds=1, rft_problems=16, rft_samples=4,
-                                 rft_temperature=0.5, rft_max_new_tokens=48, pg_steps=6, pg_problems=4,
-                                 pg_samples=4, pg_lr=1e-4),
+    # Base and task (the same fields); one wider rejection-sampling round teaches the chat
+    # format, then 150 steps of policy gradient on 16 problems x 8 samples.
+    "narrow-pg": dataclasses.replace(NARROW, post="rft+pg", rft_rounds=1, rft_problems=1024, pg_steps=150,
+                                     pg_problems=16, pg_samples=8, pg_lr=1e-4),
+    "narrow-pg-smallest": dataclasses.replace(NARROW_SMALLEST, post="rft+pg", rft_rounds=1, pg_steps=6,
+                                              pg_problems=4, pg_samples=4, pg_lr=1e-4),
 }
 
 
@@ -234,29 +229,30 @@ def sft_batches(raw, preset: Preset, train_problem, rng: random.Random):
     return chat_batches(raw, preset.batch, example)
 
 
+def right_padded(rows: list[list], fill, dtype=None):
+    """ROWS as one tensor, each row filled up to the longest with FILL (default dtype long)."""
+    import torch
+
+    out = torch.full((len(rows), max(map(len, rows))), fill, dtype=dtype or torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=out.dtype)
+    return out
+
+
 def chat_batches(raw, batch_size: int, example):
     """Right-padded chats from EXAMPLE() -> (problem, reply); the loss covers the assistant
     turn only (its <|im_end|> included)."""
-    import torch
-
     pad = raw.token_to_id(ENDOFTEXT)
 
     def batch(step: int):
-        rows = []
+        inputs, labels = [], []
         for _ in range(batch_size):
             problem, reply = example()
             prompt, _ = chat_text(problem, with_answer=False)
             p, r = raw.encode(prompt).ids, raw.encode(reply + IM_END + "\n").ids
-            rows.append((p + r, [-100] * len(p) + r))
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (x, y) in enumerate(rows):
-            ids[i, : len(x)] = torch.tensor(x)
-            labels[i, : len(y)] = torch.tensor(y)
-            mask[i, : len(x)] = 1
-        return ids, mask, labels
+            inputs.append(p + r)
+            labels.append([-100] * len(p) + r)
+        return right_padded(inputs, pad), right_padded([[1] * len(x) for x in inputs], 0), right_padded(labels, -100)
 
     return batch
 
@@ -307,13 +303,15 @@ def rejection_sampling_rounds(model, raw, preset: Preset, train_problem, rng: ra
             stops = [ids[IM_END], ids[ENDOFTEXT]]
         replies = sample_replies(model, raw, prompts, preset.rft_samples, preset.rft_temperature,
                                  preset.rft_max_new_tokens, stops, f"rft round {r}")
-        kept = [(p, reply.strip()) for p, group in zip(problems, replies) for reply in group
-                if check_boxed(reply, str(toy_task.answer(p)))]
+        correct = [[check_boxed(reply, str(toy_task.answer(p))) for reply in group]
+                   for p, group in zip(problems, replies)]
+        kept = [(p, reply.strip()) for p, group, marks in zip(problems, replies, correct)
+                for reply, ok in zip(group, marks) if ok]
         loss = math.nan
         if kept:  # else (a barely trained smoke-run Base) the round leaves the model as it is
             loss = _train(model, chat_batches(raw, preset.batch, lambda: kept[rng.randrange(len(kept))]),
                           preset.sft_steps, preset.sft_lr, f"rft round {r}")
-        solved = sum(any(check_boxed(x, str(toy_task.answer(p))) for x in g) for p, g in zip(problems, replies))
+        solved = sum(map(any, correct))
         rounds.append({"round": r, "samples": len(problems) * preset.rft_samples, "correct": len(kept),
                        "problems_solved": solved, "final_loss": None if math.isnan(loss) else round(loss, 4)})
         trained = f"loss {loss:.3f}" if kept else "no fine-tuning (nothing correct)"
@@ -332,15 +330,10 @@ def policy_gradient_loss(model, rows: list[tuple[list[int], int, float]], pad: i
     A row is (prompt + completion token ids, prompt length, advantage)."""
     import torch
 
-    width = max(len(x) for x, _, _ in rows)
-    inputs = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    completion = torch.zeros((len(rows), width), dtype=torch.float32)
+    inputs = right_padded([x for x, _, _ in rows], pad)
+    attention = right_padded([[1] * len(x) for x, _, _ in rows], 0)
+    completion = right_padded([[0] * n + [1] * (len(x) - n) for x, n, _ in rows], 0, torch.float32)
     advantage = torch.tensor([a for _, _, a in rows])
-    for i, (x, prompt_length, _) in enumerate(rows):
-        inputs[i, : len(x)] = torch.tensor(x)
-        attention[i, : len(x)] = 1
-        completion[i, prompt_length : len(x)] = 1
     logits = model(input_ids=inputs, attention_mask=attention).logits[:, :-1]
     logp = torch.log_softmax(logits.float(), -1).gather(-1, inputs[:, 1:, None])[..., 0]
     return -((logp * completion[:, 1:]).sum(1) * advantage).sum() / normaliser
@@ -369,10 +362,10 @@ def policy_gradient(model, raw, preset: Preset, train_problem, rng: random.Rando
             scores = [1.0 if check_boxed(x, str(toy_task.answer(problem))) else 0.0 for x in group]
             correct += sum(scores)
             mean = sum(scores) / len(scores)
+            prompt_ids = raw.encode(prompt).ids
             for reply, score in zip(group, scores):
                 if score != mean:
-                    rows.append((raw.encode(prompt).ids + raw.encode(reply).ids + [ids[IM_END]],
-                                 len(raw.encode(prompt).ids), score - mean))
+                    rows.append((prompt_ids + raw.encode(reply).ids + [ids[IM_END]], len(prompt_ids), score - mean))
         rewards.append(correct / group_size)
         if step % 10 == 0 or step == preset.pg_steps - 1:
             recent = rewards[-10:]

@@ -69,21 +69,21 @@ class Setting:
     max_new_tokens: int = 64
 
 
+# Fixed in docs/toy_narrow_plan.md before any Timber merge of this setting was run.
+NARROW = Setting("narrow", (0, 1, 2), (0.2, 0.5, 0.8), n=32, bootstrap=1000, table_ks=(1, 4, 16, 32),
+                 batch_size=256, max_new_tokens=96)
+NARROW_SMALLEST = Setting("narrow-smallest", (0, 1), (0.5,), n=4, bootstrap=50, table_ks=(1, 4),
+                          batch_size=256, max_new_tokens=48)
 SETTINGS = {
     "default": Setting("default", (0,), (0.2, 0.5, 0.8), n=32, bootstrap=1000, table_ks=(1, 4, 16, 32)),
     "default-fast": Setting("fast", (0,), (0.2, 0.5, 0.8), n=16, bootstrap=200, table_ks=(1, 4, 16)),
     "default-smallest": Setting("smallest", (0,), (0.5,), n=4, bootstrap=50, table_ks=(1, 4)),
-    # Fixed in docs/toy_narrow_plan.md before any Timber merge of this setting was run.
-    "narrow": Setting("narrow", (0, 1, 2), (0.2, 0.5, 0.8), n=32, bootstrap=1000, table_ks=(1, 4, 16, 32),
-                      batch_size=256, max_new_tokens=96),
-    "narrow-smallest": Setting("narrow-smallest", (0, 1), (0.5,), n=4, bootstrap=50, table_ks=(1, 4),
-                               batch_size=256, max_new_tokens=48),
+    "narrow": NARROW,
+    "narrow-smallest": NARROW_SMALLEST,
     # Fixed in docs/toy_narrow_pg_plan.md before any Timber merge of this setting was run:
-    # the narrow setting's evaluation unchanged, only the post-training differs.
-    "narrow-pg": Setting("narrow-pg", (0, 1, 2), (0.2, 0.5, 0.8), n=32, bootstrap=1000, table_ks=(1, 4, 16, 32),
-                         batch_size=256, max_new_tokens=96),
-    "narrow-pg-smallest": Setting("narrow-pg-smallest", (0, 1), (0.5,), n=4, bootstrap=50, table_ks=(1, 4),
-                                  batch_size=256, max_new_tokens=48),
+    # the narrow setting's evaluation unchanged, only the post-training (the preset) differs.
+    "narrow-pg": dataclasses.replace(NARROW, preset="narrow-pg"),
+    "narrow-pg-smallest": dataclasses.replace(NARROW_SMALLEST, preset="narrow-pg-smallest"),
 }
 SIZES = ("full", "fast", "smallest")
 TEMPERATURE = 1.0
