@@ -77,7 +77,7 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text()).get("weight_map") or {}
             except (OSError, ValueError, AttributeError) as exc:
-                raise TimberInputError(f"{role} {index}: unreadable index: {_first_line(exc)}") from None
+                raise TimberInputError(f"{role} {index}: unreadable index: {first_line(exc)}") from None
             self.files = {name: self.directory / f for name, f in weight_map.items()}
             missing = sorted({str(p.name) for p in self.files.values() if not p.is_file()})
             if missing:
@@ -126,7 +126,7 @@ class Checkpoint:
             sl = handle.get_slice(name)
         except Exception as exc:  # an index naming a tensor its shard lacks
             raise TimberInputError(
-                f"{self.role} {self.files[name]}: tensor {name}: {_first_line(exc)}"
+                f"{self.role} {self.files[name]}: tensor {name}: {first_line(exc)}"
             ) from None
         return tuple(sl.get_shape()), str(sl.get_dtype())
 
@@ -155,14 +155,14 @@ class Checkpoint:
         self.close()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _unreadable(role: str, file: Path, exc: BaseException) -> TimberInputError:
     return TimberInputError(
         f"{role} {file.parent}: {file.name} is not a readable safetensors file "
-        f"(truncated or corrupt?): {_first_line(exc)}"
+        f"(truncated or corrupt?): {first_line(exc)}"
     )
 
 

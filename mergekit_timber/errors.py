@@ -48,10 +48,11 @@ def add_explainer(explain) -> None:
         _EXPLAINERS.append(explain)
 
 
-# The merge methods this package registers (a sweep's own instance is named timber-sweep-*;
-# the one definition, also read as guard.TIMBER_METHODS), and mergekit 0.1.5's message for a name it does not
-# know (mergekit.merge_methods.registry.get); if that text changes, the hint is just not given.
+# The merge methods this package registers (the one definition), the prefix of the name a
+# sweep's own instance is registered under, and mergekit 0.1.5's message for a name it does
+# not know (mergekit.merge_methods.registry.get); if that text changes, the hint is just not given.
 TIMBER_METHODS = ("timber", "timber_l")
+SWEEP_METHOD_PREFIX = "timber-sweep-"
 _UNKNOWN_METHOD = "Unimplemented merge method "
 
 

@@ -25,7 +25,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
-from mergekit_timber.errors import TIMBER_METHODS, TimberError  # noqa: F401 - TIMBER_METHODS: guard.TIMBER_METHODS
+from mergekit_timber.errors import TimberError
 
 LOG = logging.getLogger(__name__)
 

@@ -46,6 +46,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
+from mergekit_timber.checkpoint import first_line
 from mergekit_timber.errors import TimberOutputError
 
 LOG = logging.getLogger(__name__)
@@ -119,9 +120,8 @@ class InstructLayout:
             try:
                 converted = converter.convert(renamed, model=_StoredShapes(self), config=self.config)
             except Exception as error:  # one line naming the tensor, not transformers' traceback
-                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 raise TimberOutputError(
-                    f"{name}: transformers' reverse conversion for {self.model_type} failed: {first}"
+                    f"{name}: transformers' reverse conversion for {self.model_type} failed: {first_line(error)}"
                 ) from error
             pieces = [
                 (apply_renamings(key, self.renamings), value[0] if isinstance(value, list) else value)

@@ -9,7 +9,7 @@ group or ACLs stays what it is. The short staging name also works under an outpu
 name of 250 characters.
 
 What: publishing replaces exactly the files a mergekit model output consists of
-(`is_model_file`: weights as mergekit and transformers name them, their index, the
+(`previous_model_files`: weights as mergekit and transformers name them, their index, the
 config, generation config, tokenizer and chat-template files, the card and
 ``mergekit_config.yml``) plus the shards the previous output's own index lists. Any
 other file or folder (``*.gguf``, ``*.pt``, ``training_args.bin``, notes, sub-folders)
@@ -88,11 +88,6 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EAC
 def is_weight_file(name: str) -> bool:
     """A weight shard or shard index as mergekit writes it, by file name."""
     return bool(_WEIGHT.match(name)) or name in INDEX_FILES
-
-
-def is_model_file(name: str) -> bool:
-    """A file (or transformers folder) of a model output, by name; README.md aside."""
-    return is_weight_file(name) or name in MODEL_FILES or name in MODEL_FOLDERS
 
 
 def display(path) -> str:

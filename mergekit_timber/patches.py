@@ -35,22 +35,17 @@ import importlib
 from typing import Callable, Dict
 
 from mergekit_timber import guard
-from mergekit_timber.errors import TimberError, install_excepthook, running_cli
+from mergekit_timber.errors import SWEEP_METHOD_PREFIX, TIMBER_METHODS, TimberError, install_excepthook, running_cli
 
 _SEAM = None  # mergekit_timber.seam once installed (imported only when the guard passes)
 _ORIGINALS: Dict[str, Callable] = {}  # where -> mergekit's own function, while replaced
-
-
-def original(where: str) -> Callable:
-    """mergekit's own function (never our wrapper), e.g. "mergekit.merge.run_merge"."""
-    return guard.lookup(where)
 
 
 def _wrapper(where: str):
     """Mark `wrapper` as replacing `where`: same name and signature, original in __wrapped__."""
 
     def decorate(wrapper):
-        wrapper = functools.wraps(original(where))(wrapper)
+        wrapper = functools.wraps(guard.lookup(where))(wrapper)
         wrapper._timber_seam = True
         return wrapper
 
@@ -65,7 +60,7 @@ def _names_timber(config) -> bool:
             return False
         if _SEAM is not None:
             return _SEAM.is_timber(config)
-        return name in guard.TIMBER_METHODS or name.startswith("timber-sweep-")
+        return name in TIMBER_METHODS or name.startswith(SWEEP_METHOD_PREFIX)
     except Exception:  # noqa: BLE001 - a non-Timber merge must reach mergekit whatever happens
         return False
 
@@ -77,7 +72,7 @@ def _wrappers() -> Dict[str, Callable]:
     @_wrapper("mergekit.merge.run_merge")
     def run_merge(merge_config, out_path, options, config_source=None):
         if not _names_timber(merge_config):
-            return original("mergekit.merge.run_merge")(
+            return guard.lookup("mergekit.merge.run_merge")(
                 merge_config, out_path, options=options, config_source=config_source
             )
         return seam.run_timber_merge(merge_config, out_path, options, config_source)
@@ -85,9 +80,9 @@ def _wrappers() -> Dict[str, Callable]:
     @_wrapper("mergekit.merge._model_out_config")
     def _model_out_config(config, arch_info, trust_remote_code=False):
         if not _names_timber(config):
-            return original("mergekit.merge._model_out_config")(config, arch_info, trust_remote_code=trust_remote_code)
+            return guard.lookup("mergekit.merge._model_out_config")(config, arch_info, trust_remote_code=trust_remote_code)
         donor = seam.with_instruct_as_donor(config)
-        out = original("mergekit.merge._model_out_config")(donor, arch_info, trust_remote_code=trust_remote_code)
+        out = guard.lookup("mergekit.merge._model_out_config")(donor, arch_info, trust_remote_code=trust_remote_code)
         from mergekit_timber import quantized
 
         return quantized.dequantized_config(out, config)  # a block-FP8 Instruct's output is bf16
@@ -96,7 +91,7 @@ def _wrappers() -> Dict[str, Callable]:
     def _get_donor_model(merge_config, options):
         if _names_timber(merge_config):
             merge_config = seam.with_instruct_as_donor(merge_config)
-        return original("mergekit.merge._get_donor_model")(merge_config, options=options)
+        return guard.lookup("mergekit.merge._get_donor_model")(merge_config, options=options)
 
     return {
         "mergekit.merge.run_merge": run_merge,
@@ -107,11 +102,12 @@ def _wrappers() -> Dict[str, Callable]:
 
 def _refusing_run_merge() -> Dict[str, Callable]:
     """Only for a mergekit the guard refused: Timber merges stop, all else passes through."""
-    merge = importlib.import_module("mergekit.merge")
-    mergekit_run_merge = getattr(merge, "run_merge", None)
+    try:
+        mergekit_run_merge = guard.lookup("mergekit.merge.run_merge")  # ours unwrapped, mergekit's as is
+    except (ImportError, AttributeError):
+        return {}
     if not callable(mergekit_run_merge):
         return {}
-    mergekit_run_merge = getattr(mergekit_run_merge, "__wrapped__", mergekit_run_merge)
 
     @functools.wraps(mergekit_run_merge)
     def run_merge(*args, **kwargs):

@@ -31,6 +31,7 @@ The Base is `base_model:` or the slices' own `base_model:` (mergekit_timber.reci
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -151,17 +152,12 @@ def _parameter_places(doc: Dict[str, Any]) -> Iterator[Tuple[str, Any, bool]]:
                     )
 
 
+@functools.lru_cache(maxsize=None)
 def _setting_parser():
     from mergekit.config import ParameterSetting
     from pydantic import TypeAdapter
 
-    global _SETTING
-    if _SETTING is None:
-        _SETTING = TypeAdapter(ParameterSetting)
-    return _SETTING
-
-
-_SETTING = None
+    return TypeAdapter(ParameterSetting)
 
 
 def _check_value(method: str, spec, value: Any, where: str) -> None:
@@ -396,13 +392,14 @@ def _check_pair(merge_config, options, base: Tuple[str, Any], instruct: Tuple[st
     model_type = b.config().get("model_type")
     converted = bool(get_checkpoint_conversion_mapping(model_type))  # mergekit converts layouts
     read = {n for w in weights for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
+    stored = names_b | names_i
     if not known_architecture or converted:
-        read = names_b | names_i  # which names mergekit reads is not known here: all of them
+        read = stored  # which names mergekit reads is not known here: all of them
 
     tied_pairs = set()
     for weight in weights:
         own_names = (weight.name, *(weight.aliases or ()))
-        if not weight.tied_names or not any(n in names_b | names_i for n in own_names):
+        if not weight.tied_names or not any(n in stored for n in own_names):
             continue  # nothing tied, or mergekit skips the optional weight (no model has it)
         tied_pairs.update(own_names)
 

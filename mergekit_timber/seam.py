@@ -80,15 +80,16 @@ def write_merge(
     if run_as is not None:
         inner_config = inner_config.model_copy(update={"merge_method": run_as})
     inner_options = options.model_copy(update={"copy_tokenizer": False, "write_model_card": False})
+    # The Instruct's folder: mergekit resolves a Hub id through the Hub, so once.
+    instruct, source = instruct_model(config).model.path, instruct_dir(config, options)
     # block-FP8 inputs are read dequantized; tensors are written under the Instruct
     # checkpoint's own names and layout (hub_layout).
     with writing_into(stage), quantized.dequantized_reading(config, options), hub_layout.written_like_instruct(
-        instruct_dir(config, options), [stage], trust_remote_code=options.trust_remote_code
+        source, [stage], trust_remote_code=options.trust_remote_code
     ):
         guard.lookup("mergekit.merge.run_merge")(inner_config, str(stage), options=inner_options)
     finite.check_written(stage)
 
-    instruct, source = instruct_model(config).model.path, instruct_dir(config, options)
     if options.copy_tokenizer and not explicit_tokenizer and not has_tokenizer(source):
         LOG.warning("%s has no tokenizer files: the output has no tokenizer either", instruct)
     elif options.copy_tokenizer and not explicit_tokenizer:
@@ -101,22 +102,23 @@ def write_merge(
             shutil.copyfile(generation, stage / "generation_config.json")
     if options.write_model_card:
         text = config_source or config.to_yaml()
-        write_card(stage, lambda: model_card(config, text, name=name, options=options, instruct_dir=source), text)
+        write_card(stage, config, text, name=name, options=options, instruct_dir=source)
 
 
-def write_card(stage: Path, render, config_text: str) -> None:
-    """README.md and mergekit_config.yml; a failure here does not make the model wrong:
-    one warning, and the model is published without them."""
+def write_card(stage: Path, config, config_text: str, *, name: str, options, instruct_dir: Path) -> None:
+    """README.md (card.model_card) and mergekit_config.yml; a failure here does not make the
+    model wrong: one warning, and the model is published without them."""
     files = (stage / "README.md", stage / "mergekit_config.yml")
     try:
-        files[0].write_text(render(), encoding="utf-8")
+        card = model_card(config, config_text, name=name, options=options, instruct_dir=instruct_dir)
+        files[0].write_text(card, encoding="utf-8")
         files[1].write_text(config_text, encoding="utf-8")
     except Exception as error:  # noqa: BLE001 - cosmetic: never worth the finished merge
         for item in files:
             with contextlib.suppress(OSError):
                 item.unlink()
         LOG.warning("writing the model card failed (%s); the model is published without README.md "
-                    "and mergekit_config.yml", _reason(error))
+                    "and mergekit_config.yml", describe(error))
 
 
 @contextlib.contextmanager
@@ -127,8 +129,5 @@ def _step(what: str):
     except TimberOutputError:
         raise
     except Exception as error:
-        raise TimberOutputError(f"{what} failed: {_reason(error)}") from error
-
-
-def _reason(error: BaseException) -> str:
-    return describe(error)  # the output file for a failed write, shown where the user will look
+        # describe: the output file for a failed write, shown where the user will look
+        raise TimberOutputError(f"{what} failed: {describe(error)}") from error

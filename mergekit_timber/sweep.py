@@ -29,7 +29,7 @@ import yaml
 
 from mergekit_timber.checkpoint import open_written
 from mergekit_timber import finite, hub_layout, signals
-from mergekit_timber.errors import TimberConfigError
+from mergekit_timber.errors import SWEEP_METHOD_PREFIX, TimberConfigError
 from mergekit_timber.output_dir import display, is_weight_file, writing_into
 
 SIDE_SHARD_BYTES = 1_000_000_000
@@ -171,14 +171,9 @@ def _write_and_publish(targets, configs, texts, lambdas, options) -> None:
     for index, stage in enumerate(stages[1:]):
         with seam._step(f"copying config and tokenizer into {display(stage)}"):
             _copy_non_weight_files(stages[0], stage)
-        config, text, target = configs[index + 1], texts[index + 1], targets[index + 1]
-        if options.write_model_card:
-            source = seam.instruct_dir(config, options)
-
-            def render(config=config, text=text, target=target, source=source):
-                return seam.model_card(config, text, name=target.name, options=options, instruct_dir=source)
-
-            seam.write_card(stage, render, text)
+        if options.write_model_card:  # every config names the same Instruct (only lambda differs)
+            seam.write_card(stage, configs[index + 1], texts[index + 1], name=targets[index + 1].name,
+                            options=options, instruct_dir=instruct)
     for target in targets:
         target.publish()
 
@@ -200,7 +195,7 @@ def _sweep_method(extra_lambdas: Sequence[float], sink) -> Iterator[str]:
     from mergekit.merge_methods import registry
     from mergekit_timber.method import TimberMerge
 
-    name = f"timber-sweep-{next(_SWEEP_IDS)}-{id(sink):x}"
+    name = f"{SWEEP_METHOD_PREFIX}{next(_SWEEP_IDS)}-{id(sink):x}"
     merge_methods.register(
         TimberMerge(name, tail_removed=False, version=mergekit_timber.__version__,
                     extra_lambdas=extra_lambdas, sink=sink)

@@ -23,7 +23,7 @@ import torch
 from benchmark import measure  # scripts/ is on sys.path when this file runs
 from mergekit_timber.checkpoint import Checkpoint
 from mergekit_timber.testing.quantized_pairs import write_block_fp8
-from mergekit_timber.testing.synthetic import write_pair, write_timber_yaml
+from mergekit_timber.testing.synthetic import QWEN3_0_6B_SHAPE, write_pair, write_timber_yaml
 
 BIN = Path(sys.executable).parent
 
@@ -46,10 +46,8 @@ def main() -> int:
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     pairs = work / "pairs"
-    base, instruct = write_pair(
-        pairs / "bf16", arch="qwen3", layers=args.layers, hidden=1024, intermediate=3072, heads=16,
-        kv_heads=8, head_dim=128, vocab=8192, seed=0,
-    )  # fmt: skip
+    # Qwen3-0.6B's layer shapes, fewer layers and a smaller vocabulary.
+    base, instruct = write_pair(pairs / "bf16", **dict(QWEN3_0_6B_SHAPE, layers=args.layers, vocab=8192), seed=0)
     fp8 = [write_block_fp8(m, pairs / "fp8" / m.name) for m in (base, instruct)]
     shutil.rmtree(pairs / "bf16")  # the reference pair is the dequantized one
     deq = pairs / "deq"

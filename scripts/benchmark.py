@@ -509,7 +509,12 @@ def warm_page_cache(workdir: Path) -> None:
                 pass
 
 
-def measure(cmd: List[str], label: str, workdir: Path, env: Optional[dict] = None) -> dict:
+def mb(kb) -> str:
+    """kB as whole MB for the tables ("n/a" when not measured)."""
+    return f"{kb / 1024:.0f}" if kb else "n/a"
+
+
+def measure(cmd: List[str], label: str, workdir: Path) -> dict:
     """Run cmd in its own process tree; wall time, peak RSS (time -v / getrusage) and
     polled peaks of the tree's total, anonymous and file-backed RSS."""
     warm_page_cache(workdir)
@@ -528,7 +533,7 @@ def measure(cmd: List[str], label: str, workdir: Path, env: Optional[dict] = Non
     done = threading.Event()
     with open(logf, "w") as lf:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(full, stdout=lf, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(full, stdout=lf, stderr=subprocess.STDOUT)
 
         def poll():
             while not done.is_set():
@@ -751,9 +756,6 @@ def run_e2e(args, workdir: Path, measured: Optional[dict] = None) -> List[str]:
         measured.update(res=res, floor=floor, agreement=agreement, naive_layers=naive_layers)
 
     # ---- tables
-    def mb(kb):
-        return f"{kb / 1024:.0f}" if kb else "n/a"
-
     lines = [
         "## End to end: Qwen3-0.6B-shaped synthetic pair (hidden 1024, intermediate 3072, "
         "16 q / 8 kv heads of 128, vocab 151936, tied embeddings, bf16), lambda = 0.2",
@@ -844,9 +846,6 @@ def readme_markdown(args, measured: dict) -> str:
     def ok(key: str) -> Optional[dict]:
         r = res.get(key)
         return r if r is not None and r["rc"] == 0 else None
-
-    def mb(kb) -> str:
-        return f"{kb / 1024:.0f}" if kb else "n/a"
 
     lines = ["| job | layers | wall s | peak RSS MB | anon MB | file-backed MB |", "|---|---|---|---|---|---|"]
     order = list(JOB_LABELS)
