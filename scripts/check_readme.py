@@ -98,13 +98,26 @@ def compare(want: str, got: str, tolerance: Optional[float]) -> List[str]:
     return problems
 
 
-def fresh_copy(dest: Path) -> Path:
-    """The repository as a fresh clone has it (plus files not yet committed), .venv linked."""
-    names = subprocess.run(
+def _fresh_clone_files() -> List[str]:
+    """What a fresh clone has, plus files not yet committed. In a copy this script made (a
+    README command run there, e.g. `check_readme.py durations`), that is every file of the
+    copy but its linked .venv."""
+    if not (ROOT / ".git").exists():
+        names = []
+        for folder, subfolders, files in os.walk(ROOT):
+            if Path(folder) == ROOT and ".venv" in subfolders:
+                subfolders.remove(".venv")
+            names += [str((Path(folder) / f).relative_to(ROOT)) for f in files]
+        return names
+    return subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT, check=True, capture_output=True,
     ).stdout.decode().split("\0")  # fmt: skip
-    for name in filter(None, names):
+
+
+def fresh_copy(dest: Path) -> Path:
+    """The repository as a fresh clone has it (plus files not yet committed), .venv linked."""
+    for name in filter(None, _fresh_clone_files()):
         src = ROOT / name
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
