@@ -11,6 +11,7 @@ writes them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Dict, Tuple
 
 import torch
 
@@ -44,12 +45,16 @@ def check_tensor(name: str, tensor: torch.Tensor, label: str = "") -> None:
         )
 
 
-def check_written(model_dir: Path) -> None:
-    """Raise naming the first tensor of `model_dir` that holds NaN/Inf as written."""
+def check_written(model_dir: Path) -> Dict[str, Tuple[int, ...]]:
+    """Raise naming the first tensor of `model_dir` that holds NaN/Inf as written;
+    return every written tensor's shape (mergekit_timber.dropin checks them)."""
     from mergekit_timber.checkpoint import open_written
 
+    shapes = {}
     with open_written(Path(model_dir), "merged model") as written:
         for name in written.names():
             tensor = written.tensor(name)
             check_tensor(name, tensor)
+            shapes[name] = tuple(tensor.shape)
             input_pages.release(tensor)  # read once: do not keep the whole output resident
+    return shapes

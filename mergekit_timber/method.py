@@ -27,7 +27,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_timber import DISTRIBUTION, PAPER_URL, input_pages, layout
+from mergekit_timber import DISTRIBUTION, PAPER_URL, input_pages, layout, quantized
 from mergekit_timber.errors import TimberConfigError, TimberInputError
 from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
@@ -158,8 +158,10 @@ def refine_tensor(
     lam: Union[float, Sequence[float]],
     rule: HeadRule = ERANK,
     split: Optional[layout.Split] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
-    """Timber on one checkpoint tensor, in the instruct tensor's dtype and device.
+    """Timber on one checkpoint tensor, in `out_dtype` (default: the instruct tensor's dtype)
+    on the instruct tensor's device.
 
     `split` (mergekit_timber.layout) says which matrices the tensor holds; without
     it, the layout rule of an unknown architecture (2-D: one matrix; stacked experts
@@ -170,15 +172,15 @@ def refine_tensor(
     many = not isinstance(lam, (int, float))
     lams = [float(x) for x in lam] if many else [float(lam)]
     split = split or layout.split(name, instruct.shape)
-    outs = _refine(split, base, instruct, lams, rule)
+    outs = _refine(split, base, instruct, lams, rule, out_dtype)
     # lambda = 1 is the instruct tensor itself, bit for bit (a sweep may mix it with others).
     outs = tuple(instruct if x == 1 else o for x, o in zip(lams, outs))
     return outs if many else outs[0]
 
 
-def _refine(split, base, instruct, lams, rule) -> Tuple[torch.Tensor, ...]:
+def _refine(split, base, instruct, lams, rule, out_dtype=None) -> Tuple[torch.Tensor, ...]:
     stacks = split.matrices(base), split.matrices(instruct)
-    outs = refine_stack(*stacks, lams, rule, read_hook=input_pages.release).tensors
+    outs = refine_stack(*stacks, lams, rule, out_dtype, read_hook=input_pages.release).tensors
     return tuple(split.restore(out, instruct) for out in outs)
 
 
@@ -261,8 +263,11 @@ class TimberMerge(GroupMergeMethod):
         lams = [lam, *self.extra_lambdas]
         vocab = group.metadata.vocabulary_axis is not None
         arch = layout.architecture_of_model(group.non_base[0].id)  # cached per model
+        # A block-FP8 merge reads exact float32 values: the float64 result is rounded once,
+        # to the output dtype (else to float32 here, then again as mergekit saves it).
+        out_dtype = quantized.output_dtype_for(group.non_base[0].id)
         try:
-            outs = self._merge(name, base, instruct, lams, vocab, parameters, arch)
+            outs = self._merge(name, base, instruct, lams, vocab, parameters, arch, out_dtype)
         finally:
             # Read once: their pages need not stay resident for the rest of the merge.
             input_pages.release(base, instruct)
@@ -270,7 +275,9 @@ class TimberMerge(GroupMergeMethod):
             self.sink(name, outs[1:])
         return outs[0]
 
-    def _merge(self, name, base, instruct, lams, vocab, parameters, arch=layout.UNKNOWN) -> Tuple[torch.Tensor, ...]:
+    def _merge(
+        self, name, base, instruct, lams, vocab, parameters, arch=layout.UNKNOWN, out_dtype=None
+    ) -> Tuple[torch.Tensor, ...]:
         keep = (instruct,) * len(lams)
         if not instruct.is_floating_point():
             # mergekit-yaml copies integer buffers itself, but mergekit's direct call
@@ -290,7 +297,7 @@ class TimberMerge(GroupMergeMethod):
             LOG.warning("%s: base and instruct are identical; kept the instruct tensor", name)
             return keep
         try:
-            return refine_tensor(name, base, instruct, lams, rule, split)
+            return refine_tensor(name, base, instruct, lams, rule, split, out_dtype)
         except NonFiniteDelta:
             # The kernel saw it in the Gram (cheap); now find which input holds it.
             check_finite(name, "base", base)

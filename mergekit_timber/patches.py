@@ -10,7 +10,7 @@ functions of `mergekit.merge` are replaced by wrappers with the same signature:
 | replaced | a Timber merge gets | every other merge gets |
 |---|---|---|
 | `run_merge` | mergekit_timber.seam.run_timber_merge (preflight, staged output, drop-in files, card) | mergekit's function, same arguments |
-| `_model_out_config` | the Instruct model as the donor of config.json | mergekit's function, same arguments |
+| `_model_out_config` | the Instruct model as the donor of config.json (a Timber merge reaching mergekit's `run_merge` without the seam stops here, before any file) | mergekit's function, same arguments |
 | `_get_donor_model` | the Instruct model as the donor of tokenizer and tagalong files | mergekit's function, same arguments |
 
 Two more are changed by the modules that need them, during a Timber merge only:
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from typing import Callable, Dict
 
 from mergekit_timber import guard
@@ -81,6 +82,14 @@ def _wrappers() -> Dict[str, Callable]:
     def _model_out_config(config, arch_info, trust_remote_code=False):
         if not _names_timber(config):
             return guard.lookup("mergekit.merge._model_out_config")(config, arch_info, trust_remote_code=trust_remote_code)
+        if not seam.staging() and sys._getframe(1).f_code is guard.lookup("mergekit.merge.run_merge").__code__:
+            # mergekit's run_merge reached without the seam (a mergekit that calls it
+            # another way): it would write in place, with no check; stop before any file.
+            raise TimberError(
+                f"{config.merge_method}: mergekit's run_merge was called without mergekit-timber's seam "
+                "(this mergekit does not reach mergekit.merge.run_merge as 0.1.5 does); stopped before "
+                f"writing anything; mergekit-timber is verified with mergekit {guard.VERIFIED_MERGEKIT[-1]}"
+            )
         donor = seam.with_instruct_as_donor(config)
         out = guard.lookup("mergekit.merge._model_out_config")(donor, arch_info, trust_remote_code=trust_remote_code)
         from mergekit_timber import quantized

@@ -7,9 +7,10 @@ architecture lists, so it would pair codes without their scales. Three cases:
 - **block-FP8** (DeepSeek-V3, Kimi-K2, many ``-FP8`` models): a float8 ``weight`` with a
   ``weight_scale_inv`` grid, one scale per 128x128 block (edge blocks partial), and
   ``quantization_config: {quant_method: fp8, weight_block_size: [128, 128]}``. The values
-  are code x scale of its block (DeepSeek-V3's ``weight_dequant``), so a Timber merge reads
-  such a model through `DequantizingLoader`: each weight comes out dequantized, one tensor
-  and its scales at a time, and the output is an ordinary bf16 (or ``dtype:``) model.
+  are code x scale of its block (DeepSeek-V3's ``weight_dequant``), exact in float32, so a
+  Timber merge reads such a model through `DequantizingLoader`: each weight comes out
+  dequantized in float32, one tensor and its scales at a time, is refined in float64 and
+  rounded once, to bf16 (or ``out_dtype:``/``dtype:``): an ordinary model.
 - **MXFP4** (gpt-oss experts): uint8 ``*_blocks`` (two FP4 codes a byte) and ``*_scales``
   (E8M0 exponents, one per 32 values). A plain rule too, but it renames and transposes the
   experts, so a merge refuses it and ``mergekit-timber dequantize`` writes the bf16
@@ -17,8 +18,8 @@ architecture lists, so it would pair codes without their scales. Three cases:
 - everything else (GPTQ, AWQ, bitsandbytes, compressed-tensors, FP8 without block scales,
   ...): refused in one line naming the format and the model.
 
-`check_inputs` is preflight's part (headers only), `dequantized_reading` the merge's,
-`dequantized_config` strips ``quantization_config`` from the output's config, and
+`check_inputs` is preflight's part (headers only), `dequantized_reading` the merge's
+(`exact_config` the dtypes mergekit then reads and writes in), `dequantized_config` strips ``quantization_config`` from the output's config, and
 `dequantize_checkpoint` is the streaming ``mergekit-timber dequantize``.
 """
 
@@ -279,7 +280,8 @@ def dequantize_mxfp4(blocks: "torch.Tensor", scales: "torch.Tensor", dtype) -> "
 
 
 class DequantizedView:
-    """A Checkpoint as a Timber merge reads it: companions hidden, FP8 weights in `dtype`."""
+    """A Checkpoint as a Timber merge reads it: companions hidden, FP8 weights tagged with
+    `dtype`, the dtype the merge writes them in (so preflight sees no mixed dtypes)."""
 
     def __init__(self, checkpoint: Checkpoint, quant: Quantization, dtype: str):
         self._checkpoint, self._quant, self._tag = checkpoint, quant, DTYPES[dtype]
@@ -298,9 +300,30 @@ class DequantizedView:
 
 
 def read_dtype(merge_config) -> str:
-    """The dtype dequantized weights are read in: the config's `dtype:`, else bfloat16."""
-    dtype = getattr(merge_config, "dtype", None)
-    return dtype if dtype in DTYPES else DEFAULT_DTYPE
+    """The dtype a merge with a block-FP8 input writes: `out_dtype:`, else `dtype:`, else bfloat16."""
+    for dtype in (getattr(merge_config, "out_dtype", None), getattr(merge_config, "dtype", None)):
+        if dtype in DTYPES:
+            return dtype
+    return DEFAULT_DTYPE
+
+
+# Inputs of a merge with a block-FP8 model are read in float32 (code x block scale is exact
+# there, and so is any bf16/fp16 input), or float64 when the recipe asks for it.
+EXACT_READ = ("float32", "float64")
+_OUTPUT_DTYPES: Dict[Any, "torch.dtype"] = {}  # model reference -> dtype the method rounds to, per merge
+
+
+def exact_config(merge_config):
+    """`merge_config` as mergekit runs it when a model is block-FP8: every input read exactly
+    (mergekit's LoadTensor casts each tensor to `dtype:`), the output rounded once to `read_dtype`."""
+    read = merge_config.dtype if merge_config.dtype in EXACT_READ else EXACT_READ[0]
+    return merge_config.model_copy(update={"dtype": read, "out_dtype": read_dtype(merge_config)})
+
+
+def output_dtype_for(model) -> Optional["torch.dtype"]:
+    """The dtype the method writes its result in for an exact (block-FP8) merge of `model`,
+    straight from float64: one rounding; None for every other merge."""
+    return _OUTPUT_DTYPES.get(model) if _OUTPUT_DTYPES else None
 
 
 def check_inputs(merge_config, dirs: Mapping[Any, Optional[Path]], checkpoints: Dict[Any, Tuple[str, Any]]) -> Dict:
@@ -349,7 +372,7 @@ def _loader_class():
         tensor at a time), dequantized band by band, and the FP8 pages are given back.
         """
 
-        def __init__(self, inner: LazyTensorLoader, quant: Quantization, dtype: "torch.dtype"):
+        def __init__(self, inner: LazyTensorLoader, quant: Quantization):
             hidden = quant.hidden()
             paths = {n: f for n, f in inner.index.tensor_paths.items() if n not in hidden}
             index = ShardedTensorIndex(
@@ -359,7 +382,7 @@ def _loader_class():
                 shards=[ShardInfo(s.filename, [k for k in s.contained_keys if k in paths]) for s in inner.index.shards],
             )
             super().__init__(index, inner.lazy_unpickle)
-            self.inner, self.quant, self.dtype = inner, quant, dtype
+            self.inner, self.quant = inner, quant
 
         def get_tensor(self, key, device="cpu", aliases=None, raise_on_missing=True):
             if aliases and key not in self.index.tensor_paths:
@@ -370,12 +393,14 @@ def _loader_class():
                 return None
             if key not in self.quant.companions:
                 return self.inner.get_tensor(key, device=device)
+            import torch
+
             from mergekit_timber import input_pages
 
             scale = self.inner.get_tensor(self.quant.companions[key])
             code = self.inner.get_tensor(key)
             try:
-                out = dequantize_block_fp8(code, scale, self.quant.block, self.dtype)
+                out = dequantize_block_fp8(code, scale, self.quant.block, torch.float32)  # exact
             finally:
                 input_pages.release(code, scale)
             return out.to(device)
@@ -387,31 +412,39 @@ def _loader_class():
     return DequantizingLoader
 
 
+def block_fp8_models(merge_config, options) -> Dict[Any, Quantization]:
+    """The block-FP8 models of a merge (headers only); any other quantized one is refused."""
+    found = {}
+    for ref in merge_config.referenced_models():
+        directory = Path(ref.local_path(cache_dir=options.transformers_cache, ignore_lora=True))
+        if not any(directory.glob("*.safetensors")):
+            continue
+        with Checkpoint(directory, "model") as checkpoint:
+            quant = detect(checkpoint)
+        if quant is None:
+            continue
+        if not quant.mergeable or ref.lora is not None:
+            raise refusal(quant, f"model {ref}" + (" (with a LoRA)" if ref.lora else ""), directory)
+        found[ref] = quant
+    return found
+
+
 @contextlib.contextmanager
-def dequantized_reading(merge_config, options) -> Iterator[None]:
+def dequantized_reading(merge_config, options) -> Iterator[bool]:
     """While mergekit merges `merge_config`, its block-FP8 models are read dequantized.
 
     mergekit keeps one loader per model in the class-level dict `LoaderCache.loaders`
     and creates one only for a model it has none of: ours are put there before the
-    merge and taken out after it, so no other merge in the process sees them.
+    merge and taken out after it, so no other merge in the process sees them. Yields
+    whether a model is block-FP8: then run mergekit with `exact_config`.
     """
     import torch
     from mergekit.io.tasks import LoaderCache
 
-    dtype = getattr(torch, read_dtype(merge_config))
     loaders = getattr(LoaderCache, "loaders", None)
     ours = {}
     try:
-        for ref in merge_config.referenced_models():
-            directory = Path(ref.local_path(cache_dir=options.transformers_cache, ignore_lora=True))
-            if not any(directory.glob("*.safetensors")):
-                continue
-            with Checkpoint(directory, "model") as checkpoint:
-                quant = detect(checkpoint)
-            if quant is None:
-                continue
-            if not quant.mergeable or ref.lora is not None:
-                raise refusal(quant, f"model {ref}" + (" (with a LoRA)" if ref.lora else ""), directory)
+        for ref, quant in block_fp8_models(merge_config, options).items():
             if not isinstance(loaders, dict):  # the mergekit internal this relies on (0.1.5)
                 raise TimberInputError(
                     "mergekit.io.tasks.LoaderCache has no class-level `loaders` dict: this mergekit cannot read "
@@ -422,12 +455,18 @@ def dequantized_reading(merge_config, options) -> Iterator[None]:
                 trust_remote_code=options.trust_remote_code,
                 lora_merge_dtype=options.lora_merge_dtype,
             ).lazy_loader(cache_dir=options.transformers_cache, lazy_unpickle=options.lazy_unpickle)
-            ours[ref] = loaders[ref] = _loader_class()(inner, quant, dtype)
-        yield
+            ours[ref] = loaders[ref] = _loader_class()(inner, quant)
+        if ours:
+            for ref in merge_config.referenced_models():
+                _OUTPUT_DTYPES[ref] = getattr(torch, read_dtype(merge_config))
+        yield bool(ours)
     finally:
         for ref, loader in ours.items():
             if loaders.get(ref) is loader:
                 del loaders[ref]
+        if ours:
+            for ref in merge_config.referenced_models():
+                _OUTPUT_DTYPES.pop(ref, None)
 
 
 def dequantized_config(out_config, merge_config):
@@ -595,15 +634,24 @@ def _is_weights(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
 
 
-def plain_config(config: Mapping[str, Any], dtype: str, *, nested: bool = False) -> Dict[str, Any]:
-    """config.json of the dequantized model: no quantization_config, its dtype."""
+def plain_config(config: Mapping[str, Any], dtype: Optional[str], *, nested: bool = False) -> Dict[str, Any]:
+    """`config` (a config.json, key for key) with no quantization_config and `dtype` set
+    in the dtype keys it has (none: the key its transformers version reads)."""
     plain = dict(config)
     for key in ("quantization_config", "compression_config"):
         plain.pop(key, None)
     if isinstance(plain.get("text_config"), Mapping):
         plain["text_config"] = plain_config(plain["text_config"], dtype, nested=True)
-    keys = [k for k in ("dtype", "torch_dtype") if k in plain] or ([] if nested else ["dtype"])
+    if dtype is None:
+        return plain
+    keys = [k for k in ("dtype", "torch_dtype") if k in plain] or ([] if nested else [_dtype_key(plain)])
     for key in keys:
         plain[key] = dtype
     return plain
+
+
+def _dtype_key(config: Mapping[str, Any]) -> str:
+    """transformers 5 writes `dtype`; transformers 4 reads only `torch_dtype`."""
+    version = str(config.get("transformers_version") or "")
+    return "dtype" if version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 5 else "torch_dtype"
 

@@ -2,13 +2,15 @@
 
 mergekit_timber/patches.py hands Timber merges here (and only those); this module checks
 the output folder, runs preflight, merges into a staging folder inside the output
-(mergekit_timber.output_dir) with mergekit's own `run_merge`, copies the tokenizer and
-the generation config from the Instruct model (a failure stops the merge), writes the
-card (mergekit_timber/card.py; a failure there only warns) and publishes the model at
-the end; SIGTERM/SIGHUP clean up like Ctrl-C (mergekit_timber.signals). The tensor values
-and the vocabulary handling are mergekit's; block-FP8 inputs are read dequantized
-(mergekit_timber.quantized) and every tensor is written under the Instruct checkpoint's
-own name and layout (mergekit_timber.hub_layout).
+(mergekit_timber.output_dir) with mergekit's own `run_merge`, puts the Instruct model's
+own config.json, tokenizer and generation config beside the weights (a failure stops the
+merge), writes the card (mergekit_timber/card.py; a failure there only warns), checks that
+the staged files and tensor names are the Instruct's (mergekit_timber.dropin) and
+publishes the model at the end; SIGTERM/SIGHUP clean up like Ctrl-C
+(mergekit_timber.signals). The tensor values and the vocabulary handling are mergekit's;
+block-FP8 inputs are read dequantized, exactly (mergekit_timber.quantized), and every
+tensor is written under the Instruct checkpoint's own name and layout
+(mergekit_timber.hub_layout).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from mergekit_timber import finite, guard, hub_layout, preflight, quantized, signals
+from mergekit_timber import dropin, finite, guard, hub_layout, preflight, quantized, signals
 from mergekit_timber.card import has_tokenizer, mergekit_makes_tokenizer, model_card
 from mergekit_timber.errors import TimberOutputError
 from mergekit_timber.output_dir import OutputDir, describe, writing_into
@@ -52,6 +54,14 @@ def prepare(config, options, outs: Iterable, config_source: Optional[str] = None
     return targets
 
 
+_STAGES: set = set()  # staging folders a Timber merge is writing now (see staging)
+
+
+def staging() -> bool:
+    """Whether a Timber merge of this process is running mergekit through the seam."""
+    return bool(_STAGES)
+
+
 def run_timber_merge(config, out_path, options, config_source=None) -> None:
     """mergekit's run_merge for a Timber merge: drop-in output, all or nothing."""
     (target,) = prepare(config, options, [out_path], config_source)
@@ -66,11 +76,12 @@ def run_timber_merge(config, out_path, options, config_source=None) -> None:
 
 def write_merge(
     config, stage: Path, options, config_source: Optional[str], *, name: str, run_as: Optional[str] = None
-) -> None:
-    """Run mergekit's merge into `stage`, then the Instruct files and the card.
+) -> dict:
+    """Run mergekit's merge into `stage`, then the Instruct files and the card; check them.
 
     `run_as` names the registered method mergekit runs (a sweep's own Timber instance);
-    the card and mergekit_config.yml still describe `config`.
+    the card and mergekit_config.yml still describe `config`. Returns the written
+    tensors' shapes (name -> shape).
     """
     stage = Path(stage)
     explicit_tokenizer = mergekit_makes_tokenizer(config)
@@ -84,11 +95,18 @@ def write_merge(
     instruct, source = instruct_model(config).model.path, instruct_dir(config, options)
     # block-FP8 inputs are read dequantized; tensors are written under the Instruct
     # checkpoint's own names and layout (hub_layout).
-    with writing_into(stage), quantized.dequantized_reading(config, options), hub_layout.written_like_instruct(
-        source, [stage], trust_remote_code=options.trust_remote_code
-    ):
-        guard.lookup("mergekit.merge.run_merge")(inner_config, str(stage), options=inner_options)
-    finite.check_written(stage)
+    with writing_into(stage), quantized.dequantized_reading(config, options) as exact, \
+            hub_layout.written_like_instruct(source, [stage], trust_remote_code=options.trust_remote_code):
+        if exact:  # block-FP8: read every input exactly, round once on output
+            inner_config = quantized.exact_config(inner_config)
+        _STAGES.add(stage)
+        try:
+            guard.lookup("mergekit.merge.run_merge")(inner_config, str(stage), options=inner_options)
+        finally:
+            _STAGES.discard(stage)
+    written = finite.check_written(stage)
+    with _step(f"writing config.json of {instruct}"):
+        dropin.write_config(stage, source, config, trust_remote_code=options.trust_remote_code)
 
     if options.copy_tokenizer and not explicit_tokenizer and not has_tokenizer(source):
         LOG.warning("%s has no tokenizer files: the output has no tokenizer either", instruct)
@@ -103,6 +121,8 @@ def write_merge(
     if options.write_model_card:
         text = config_source or config.to_yaml()
         write_card(stage, config, text, name=name, options=options, instruct_dir=source)
+    dropin.verify(stage, source, config, options, written)
+    return written
 
 
 def write_card(stage: Path, config, config_text: str, *, name: str, options, instruct_dir: Path) -> None:

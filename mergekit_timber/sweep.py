@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import yaml
 
 from mergekit_timber.checkpoint import open_written
-from mergekit_timber import finite, hub_layout, signals
+from mergekit_timber import dropin, finite, hub_layout, quantized, signals
 from mergekit_timber.errors import SWEEP_METHOD_PREFIX, TimberConfigError
 from mergekit_timber.output_dir import display, is_weight_file, writing_into
 
@@ -153,7 +153,10 @@ def _write_and_publish(targets, configs, texts, lambdas, options) -> None:
             TensorWriter(str(stage), max_shard_size=side_shard, safe_serialization=options.safe_serialization)
             for stage in stages[1:]
         ]
-        out_dtype = dtype_from_name(configs[0].out_dtype) if configs[0].out_dtype else None
+        # As the first output is written (seam): a block-FP8 merge rounds once, to read_dtype.
+        exact = quantized.block_fp8_models(configs[0], options)
+        out_name = quantized.read_dtype(configs[0]) if exact else configs[0].out_dtype
+        out_dtype = dtype_from_name(out_name) if out_name else None
         session = SweepSession(writers=writers, lambdas=lambdas[1:], out_dtype=out_dtype)
         with _sweep_method(lambdas[1:], session.save) as method_name:
             # The card and mergekit_config.yml come from configs[0]/texts[0]: they name `timber`.
@@ -174,6 +177,7 @@ def _write_and_publish(targets, configs, texts, lambdas, options) -> None:
         if options.write_model_card:  # every config names the same Instruct (only lambda differs)
             seam.write_card(stage, configs[index + 1], texts[index + 1], name=targets[index + 1].name,
                             options=options, instruct_dir=instruct)
+        dropin.verify(stage, instruct, configs[index + 1], options, dropin.written_shapes(stage))
     for target in targets:
         target.publish()
 
