@@ -70,6 +70,11 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 ARCHES = ("llama", "qwen3", "qwen3_moe")
+# How config.json and tokenizer_config.json are written: by this transformers (5), or as
+# most Hub checkpoints were, by transformers 4 (`rope_theta`, Llama-3.1's `rope_scaling`
+# with rope_type llama3, Qwen3-MoE's `num_experts`, `torch_dtype`, a `Qwen2Tokenizer`
+# tokenizer config holding the chat template).
+CONFIG_FORMATS = ("transformers5", "transformers4")
 SPECTRA = ("decay", "lowrank", "flat")
 MOE_LAYOUTS = ("per_expert", "stacked")
 
@@ -530,6 +535,7 @@ def write_pair(
     moe_layout: str = "per_expert",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     distinct_files: bool = True,
+    config_format: str = "transformers5",
 ) -> Tuple[Path, Path]:
     """Write a synthetic Base/Instruct pair under `out_dir`; return (base_dir, instruct_dir).
 
@@ -545,9 +551,12 @@ def write_pair(
     eos ``<|endoftext|>``, no chat template and a plain generation config; the Instruct has eos ``<|im_end|>``, twice the
     ``max_position_embeddings``, a chat template and a generation config with two stop
     ids and sampling defaults. `distinct_files=False` gives the Base the Instruct's
-    files instead. The weights are the same either way.
+    files instead. The weights are the same either way. `config_format` (CONFIG_FORMATS)
+    says which transformers wrote config.json and tokenizer_config.json.
     """
     _check_arch(arch)
+    if config_format not in CONFIG_FORMATS:
+        raise ValueError(f"config_format must be one of {CONFIG_FORMATS}, not {config_format!r}")
     if spectrum not in SPECTRA:
         raise ValueError(f"spectrum must be one of {SPECTRA}, not {spectrum!r}")
     if isinstance(dtype, str):
@@ -585,6 +594,9 @@ def write_pair(
     _stream_weights((base_dir, instruct_dir), specs, values, dtype, max_shard_bytes)
 
     _write_files(base_dir, instruct_dir, cfg, vocab, distinct=distinct_files)
+    if config_format == "transformers4":
+        for d in (base_dir, instruct_dir):
+            _as_transformers4(d)
     return base_dir, instruct_dir
 
 
@@ -615,6 +627,39 @@ def _write_files(base_dir: Path, instruct_dir: Path, cfg, vocab: int, *, distinc
     GenerationConfig(bos_token_id=end_of_text, eos_token_id=end_of_text).save_pretrained(str(base_dir))
     _write_tokenizer(base_dir, vocab, instruct=False)
     (base_dir / "chat_template.jinja").unlink(missing_ok=True)  # left by an earlier distinct_files=False
+
+
+def _as_transformers4(model_dir: Path) -> None:
+    """Rewrite config.json and tokenizer_config.json as transformers 4 wrote them."""
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = config["model_type"]
+    rope = config.pop("rope_parameters", None) or {}
+    config.pop("layer_types", None)
+    config["torch_dtype"] = config.pop("dtype")
+    config["transformers_version"] = "4.51.3"
+    if arch == "llama":  # Llama-3.1: rope theta 500000 with llama3 scaling
+        config.update(rope_theta=500000.0, rope_scaling={
+            "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 1024, "rope_type": "llama3",
+        }, pretraining_tp=1)  # fmt: skip
+    else:
+        config.update(rope_theta=rope.get("rope_theta", 1000000.0), rope_scaling=None, max_window_layers=28)
+    if arch == "qwen3_moe":
+        config["num_experts"] = config.pop("num_local_experts")
+    (model_dir / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+
+    tokenizer = json.loads((model_dir / "tokenizer_config.json").read_text())
+    template = model_dir / "chat_template.jinja"
+    old = {
+        "add_prefix_space": False, "additional_special_tokens": tokenizer.get("extra_special_tokens", []),
+        "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": tokenizer["eos_token"],
+        "errors": "replace", "model_max_length": tokenizer["model_max_length"], "pad_token": tokenizer["pad_token"],
+        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": tokenizer["unk_token"],
+    }  # fmt: skip
+    if template.is_file():  # transformers 4 kept the chat template in tokenizer_config.json
+        old["chat_template"] = template.read_text()
+        template.unlink()
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(dict(sorted(old.items())), indent=2) + "\n")
 
 
 def write_timber_yaml(
@@ -688,6 +733,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     parser.add_argument("--delta-scale", type=float)
     parser.add_argument("--spectrum", choices=SPECTRA)
     parser.add_argument("--moe-layout", choices=MOE_LAYOUTS)
+    parser.add_argument("--config-format", choices=CONFIG_FORMATS, help="which transformers wrote the configs")
     parser.add_argument(
         "--yaml", metavar="PATH", help="also write a mergekit YAML (see --method, --lambda) there"
     )
@@ -698,7 +744,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     kwargs: Dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
     for key in ("arch", "layers", "hidden", "intermediate", "heads", "kv_heads", "head_dim",
                 "vocab", "experts", "moe_intermediate", "seed", "delta_scale", "spectrum",
-                "moe_layout"):  # fmt: skip
+                "moe_layout", "config_format"):  # fmt: skip
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
     if args.tie_embeddings is not None:
