@@ -18,6 +18,15 @@ class TimberInputError(TimberError, ValueError):
     """The models or tensors given to the merge are unusable."""
 
 
+class NonFiniteInput(TimberInputError):
+    """An input tensor holds NaN/Inf as the merge method received it (mergekit_timber.finite
+    tells whether the model's file or the recipe's `dtype:` cast put it there)."""
+
+    def __init__(self, message: str, *, tensor: str, which: str, count: int, dtype: str):
+        super().__init__(message)
+        self.tensor, self.which, self.count, self.dtype = tensor, which, count, dtype
+
+
 class TimberOutputError(TimberError):
     """The output directory cannot be written as asked, or a write or copy step failed."""
 

@@ -11,12 +11,12 @@ writes them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from mergekit_timber import input_pages
-from mergekit_timber.errors import TimberInputError
+from mergekit_timber.errors import NonFiniteInput, TimberConfigError, TimberError, TimberInputError
 
 _CHUNK = 1 << 22  # elements per check: never a full-size boolean mask of a large tensor
 
@@ -43,6 +43,30 @@ def check_tensor(name: str, tensor: torch.Tensor, label: str = "") -> None:
             f"{name}: the merged tensor{label} holds {bad} Inf/NaN value(s) in {dtype}, "
             "the output dtype; use a wider dtype (out_dtype: bfloat16 or float32)"
         )
+
+
+def blame_cast(error: NonFiniteInput, recipe_dtype: Optional[str], model_dir: Optional[Path]) -> TimberError:
+    """The line for an input tensor that is NaN/Inf as the method got it: the model's file,
+    or the recipe's `dtype:` cast (mergekit casts every input to it as it reads it)?"""
+    if recipe_dtype is None or error.dtype != recipe_dtype or model_dir is None:
+        return error
+    from mergekit_timber.checkpoint import Checkpoint
+
+    try:
+        with Checkpoint(Path(model_dir), f"{error.which} model") as checkpoint:
+            if error.tensor not in checkpoint.names():
+                return error
+            stored_dtype = checkpoint.info(error.tensor)[1]
+            if count_nonfinite(checkpoint.tensor(error.tensor)):
+                return error  # the file itself holds it
+    except TimberError:
+        return error
+    limit = torch.finfo(getattr(torch, recipe_dtype)).max
+    return TimberConfigError(
+        f"{error.tensor}: the {error.which} model's tensor is finite in its file ({stored_dtype}) but "
+        f"holds {error.count} Inf value(s) once cast to {recipe_dtype}, the recipe's dtype: (largest value "
+        f"{limit:g}); use dtype: bfloat16 or float32, or leave dtype: out"
+    )
 
 
 def check_written(model_dir: Path) -> Dict[str, Tuple[int, ...]]:

@@ -28,7 +28,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_timber import DISTRIBUTION, PAPER_URL, input_pages, layout, quantized
-from mergekit_timber.errors import TimberConfigError, TimberInputError
+from mergekit_timber.errors import NonFiniteInput, TimberConfigError, TimberInputError
 from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
 LOG = logging.getLogger(__name__)
@@ -187,9 +187,9 @@ def _refine(split, base, instruct, lams, rule, out_dtype=None) -> Tuple[torch.Te
 def check_finite(name: str, which: str, tensor: torch.Tensor) -> None:
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
-        raise TimberInputError(
-            f"{name}: the {which} model's tensor holds {bad} NaN/Inf value(s); "
-            "refusing to merge it"
+        raise NonFiniteInput(
+            f"{name}: the {which} model's tensor holds {bad} NaN/Inf value(s); refusing to merge it",
+            tensor=name, which=which, count=bad, dtype=str(tensor.dtype).removeprefix("torch."),
         )
 
 

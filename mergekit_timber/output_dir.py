@@ -127,13 +127,35 @@ def writing_into(folder: Path):
     except Exception as error:
         if not is_write_failure(error):  # disk full is a SafetensorError, not an OSError
             raise
-        cause = describe(error, written=folder)
+        cause = _over_file_size_limit(error, folder) or describe(error, written=folder)
         raise TimberOutputError(f"writing the merged model into {display(folder)} failed: {cause}") from error
 
 
 def _torch_write_error(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text)
+
+
+def _over_file_size_limit(error: BaseException, folder: Path) -> Optional[str]:
+    """The cause when a write hit the process's file-size limit (`ulimit -f`): safetensors
+    says "File too large" (EFBIG), torch.save only "unexpected pos ..."; else None."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    too_large = getattr(error, "errno", None) == errno.EFBIG or os.strerror(errno.EFBIG) in str(error)
+    if limit == resource.RLIM_INFINITY or not (too_large or _torch_write_error(error)):
+        return None
+    try:
+        files = sorted((f.stat().st_size, f.name) for f in Path(folder).iterdir() if f.is_file())
+    except OSError:
+        files = []
+    if not too_large and (not files or files[-1][0] < limit):
+        return None  # not the limit: torch's message for a full disk, say
+    shard = files[-1][1] if files and files[-1][0] >= limit else "a weight shard"  # safetensors drops its file
+    return (
+        f"{shard} reached this process's file-size limit of {limit} bytes (ulimit -f); "
+        "raise it (ulimit -f unlimited) or write smaller shards (--out-shard-size below the limit)"
+    )
 
 
 def _nearly_full(folder: Path) -> bool:

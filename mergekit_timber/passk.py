@@ -194,6 +194,11 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PasskError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise PasskError(
+            f"{path}: not a text file (byte 0x{exc.object[exc.start]:02x} at offset {exc.start} is not UTF-8); "
+            "pass JSON Lines records or lm-eval's samples_<task>_*.jsonl files"
+        ) from None
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():

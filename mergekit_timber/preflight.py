@@ -232,6 +232,7 @@ def check_document(doc: Dict[str, Any]) -> None:
     vocabulary = parameter_vocabulary()
     ignored: Dict[str, List[str]] = {}
     _check_structure(method, doc)
+    _check_dtypes(method, doc)
     for where, params, base_entry in _parameter_places(doc):
         if params is None:
             continue
@@ -273,6 +274,66 @@ def _document(merge_config, source: Optional[str]) -> Dict[str, Any]:
         if isinstance(doc, dict) and doc.get("merge_method") == merge_config.merge_method:
             return doc
     return merge_config.model_dump(mode="json", exclude_none=True, warnings=False)
+
+
+# The dtype names the recipe may use: what mergekit's dtype_from_name knows (0.1.5).
+KNOWN_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def _check_dtypes(method: str, doc: Dict[str, Any]) -> None:
+    """`dtype:`/`out_dtype:` that mergekit would refuse mid-merge ("Unimplemented dtype")."""
+    from mergekit_timber import guard
+
+    dtype_from_name = guard.lookup("mergekit.common.dtype_from_name")
+    for key in ("dtype", "out_dtype"):
+        value = doc.get(key)
+        if value is None:
+            continue
+        try:
+            dtype_from_name(value)
+        except Exception:  # noqa: BLE001 - mergekit raises RuntimeError; any failure is the same answer
+            closest = difflib.get_close_matches(str(value), KNOWN_DTYPES, n=1)
+            hint = f"did you mean {closest[0]!r}? " if closest else ""
+            raise TimberConfigError(
+                f"{method}: {key}: {value!r} is not a dtype mergekit knows; {hint}"
+                "use bfloat16, float16 or float32"
+            ) from None
+
+
+def _recipe_file(trace) -> str:
+    """The recipe's path as the mergekit CLI got it (its `config_file`), else a description."""
+    found = "the YAML recipe"
+    while trace is not None:
+        value = trace.tb_frame.f_locals.get("config_file")
+        if isinstance(value, str):
+            found = value
+        trace = trace.tb_next
+    return found
+
+
+def explain_unreadable_recipe(error: BaseException, trace) -> Optional[TimberError]:
+    """One line for a recipe mergekit cannot read at all: a YAML syntax error, an empty file.
+
+    Whatever its method (there is none to tell yet): mergekit's own answer is a traceback.
+    """
+    import yaml
+
+    if isinstance(error, yaml.YAMLError):
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        return TimberConfigError(f"{_recipe_file(trace)}: not valid YAML{where}: {problem}; fix the syntax there")
+    if type(error).__name__ == "ValidationError" and getattr(error, "title", None) == "MergeConfiguration":
+        try:
+            problems = error.errors()
+        except Exception:  # noqa: BLE001
+            return None
+        if len(problems) == 1 and problems[0].get("input", ...) is None and not problems[0].get("loc"):
+            return TimberConfigError(
+                f"{_recipe_file(trace)}: the YAML file is empty (or only comments): nothing to merge; "
+                "`mergekit-timber recipe BASE INSTRUCT` prints a Timber recipe"
+            )
+    return None
 
 
 def explain_config_error(error: BaseException, trace) -> Optional[TimberError]:
@@ -483,6 +544,11 @@ def check(merge_config, options, source: Optional[str] = None) -> None:
         for ref, directory in dirs.items():
             if directory is not None:
                 role = roles.get(ref, "model")
+                if not (directory / "config.json").is_file():  # mergekit: "Unrecognized model in ..."
+                    raise TimberInputError(
+                        f"{role} {directory}: no config.json; a model folder holds the config.json its "
+                        "weights were saved with: copy the model's config.json there"
+                    )
                 checkpoints[ref] = (f"{role} ({directory})", _open(directory, role))
         checkpoints = quantized.check_inputs(merge_config, dirs, checkpoints)  # issue 20: refuse or view quantized
         if pair and all(checkpoints.get(ref, (None, None))[1] is not None for ref in pair):
@@ -494,3 +560,4 @@ def check(merge_config, options, source: Optional[str] = None) -> None:
 
 
 add_explainer(explain_config_error)
+add_explainer(explain_unreadable_recipe)

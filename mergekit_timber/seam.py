@@ -24,9 +24,9 @@ from typing import Iterable, List, Optional
 
 from mergekit_timber import dropin, finite, guard, hub_layout, preflight, quantized, signals
 from mergekit_timber.card import has_tokenizer, mergekit_makes_tokenizer, model_card
-from mergekit_timber.errors import TimberOutputError
+from mergekit_timber.errors import NonFiniteInput, TimberOutputError
 from mergekit_timber.output_dir import OutputDir, describe, writing_into
-from mergekit_timber.recipe import instruct_model, is_timber, with_instruct_as_donor
+from mergekit_timber.recipe import base_model, instruct_model, is_timber, with_instruct_as_donor
 
 LOG = logging.getLogger(__name__)
 
@@ -40,6 +40,13 @@ def instruct_dir(config, options) -> Path:
     """The Instruct model's local directory (downloaded if it is a Hub id)."""
     get_donor_model = guard.lookup("mergekit.merge._get_donor_model")
     return Path(get_donor_model(with_instruct_as_donor(config), options=options)[1])
+
+
+def _local(model, options) -> Optional[Path]:
+    try:
+        return Path(model.local_path(cache_dir=options.transformers_cache, ignore_lora=True))
+    except Exception:  # noqa: BLE001 - only used to word an error better
+        return None
 
 
 def prepare(config, options, outs: Iterable, config_source: Optional[str] = None) -> List[OutputDir]:
@@ -102,6 +109,9 @@ def write_merge(
         _STAGES.add(stage)
         try:
             guard.lookup("mergekit.merge.run_merge")(inner_config, str(stage), options=inner_options)
+        except NonFiniteInput as error:  # the model's file, or the recipe's dtype: cast?
+            model = base_model(config) if error.which == "base" else instruct_model(config)
+            raise finite.blame_cast(error, inner_config.dtype, _local(model, options)) from error
         finally:
             _STAGES.discard(stage)
     written = finite.check_written(stage)
