@@ -1,4 +1,4 @@
-"""Quantized inputs: block-FP8 pairs merge exactly as their dequantized pairs do, every other
+"""Quantized inputs: block-FP8 pairs merge as Timber on the exactly (float32) dequantized pair, every other
 format stops with one line and no output, `mergekit-timber dequantize` matches transformers."""
 
 import json
@@ -38,6 +38,17 @@ def dequantized_pair(fp8_pair, tmp_path_factory):
 
     for model in fp8_pair:  # the CLI runs in test_dequantize_fp8_round_trips_against_transformers
         dequantize_checkpoint(model, root / model.name)
+    return root / "base", root / "instruct"
+
+
+@pytest.fixture(scope="module")
+def exact_pair(fp8_pair, tmp_path_factory):
+    """The FP8 pair dequantized exactly: code x block scale in float32."""
+    root = tmp_path_factory.mktemp("exact")
+    from mergekit_timber.quantized import dequantize_checkpoint
+
+    for model in fp8_pair:
+        dequantize_checkpoint(model, root / model.name, "float32")
     return root / "base", root / "instruct"
 
 
@@ -119,27 +130,31 @@ def test_mxfp4_rule_is_transformers():
 # ----------------------------------------------------------------------------- block-FP8 merged
 
 
-def test_fp8_pair_merges_exactly_as_its_dequantized_pair(fp8_pair, dequantized_pair, tmp_path):
+def test_fp8_pair_merges_as_timber_on_the_exactly_dequantized_pair(fp8_pair, exact_pair, dequantized_pair, tmp_path):
     out, _ = merge(tmp_path, *fp8_pair)
     written = load_dir(out)
     assert not [n for n in written if "scale" in n]
     assert {t.dtype for t in written.values()} == {torch.bfloat16}
     config = config_of(out)
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
-    # Bit for bit the merge of the dequantized pair ...
-    want = load_dir(merge_here(tmp_path, *dequantized_pair, name="reference"))
-    assert sorted(written) == sorted(want)
-    assert all(torch.equal(written[n], want[n]) for n in want)
-    # ... which is the paper's Timber (float64 SVD oracle) on the dequantized tensors.
-    deq_base, deq_instruct = load_dir(dequantized_pair[0]), load_dir(dequantized_pair[1])
-    assert_matches(out, expected(deq_base, deq_instruct, lambda name: 0.2))
-    # Each dequantized tensor is DeepSeek's rule on the FP8 checkpoint's code and scales.
+    # The paper's Timber (float64 SVD oracle) on the float32 dequantized pair, rounded once.
+    exact_base, exact_instruct = load_dir(exact_pair[0]), load_dir(exact_pair[1])
+    want = expected(exact_base, exact_instruct, lambda name: 0.2)
+    assert_matches(out, want)
+    # Each exact tensor is DeepSeek's rule on the FP8 checkpoint's code and scales, unrounded.
     fp8 = load_dir(fp8_pair[1])
-    for name, tensor in deq_instruct.items():
+    for name, tensor in exact_instruct.items():
         if name + "_scale_inv" in fp8:
-            assert torch.equal(tensor, reference_fp8(fp8[name], fp8[name + "_scale_inv"]).to(torch.bfloat16)), name
+            assert torch.equal(tensor, reference_fp8(fp8[name], fp8[name + "_scale_inv"])), name
         else:
-            assert torch.equal(tensor, fp8[name]), name
+            assert torch.equal(tensor, fp8[name].to(torch.float32)), name
+    # Rounding each weight to bf16 first (the merge of the bf16 dequantized pair) is not that.
+    rounded_first = load_dir(merge_here(tmp_path, *dequantized_pair, name="bf16-first"))
+    matrices = [n for n in want if want[n].ndim == 2]
+    differ = sum(int((rounded_first[n] != want[n].to(torch.bfloat16)).sum()) for n in matrices)
+    exact = sum(int((written[n] != want[n].to(torch.bfloat16)).sum()) for n in matrices)
+    total = sum(want[n].numel() for n in matrices)
+    assert exact <= 1e-5 * total < differ, (exact, differ, total)
     # A drop-in bf16 model for transformers.
     from transformers import AutoModelForCausalLM
 
@@ -277,15 +292,15 @@ def test_dequantize_refuses_in_one_line(tmp_path, kind):
     assert not out.exists()
 
 
-def test_sweep_of_an_fp8_pair(fp8_pair, dequantized_pair, tmp_path):
+def test_sweep_of_an_fp8_pair(fp8_pair, tmp_path):
     from mergekit.options import MergeOptions
 
     from mergekit_timber.sweep import run_sweep
 
     cfg = write_yaml(tmp_path / "sweep.yml", base_config(*fp8_pair))
     outs = run_sweep(cfg, tmp_path / "sweep", [0.2, 0.5], MergeOptions(quiet=True))
-    for lam, out in zip((0.2, 0.5), outs):
-        want = load_dir(merge_here(tmp_path, *dequantized_pair, name=f"ref-{lam}", parameters={"lambda": lam}))
+    for lam, out in zip((0.2, 0.5), outs):  # each the single merge of that lambda
+        want = load_dir(merge_here(tmp_path, *fp8_pair, name=f"ref-{lam}", parameters={"lambda": lam}))
         got = load_dir(out)
         assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want), lam
         assert "quantization_config" not in config_of(out)
@@ -300,11 +315,11 @@ def test_dequantizing_loaders_live_only_for_their_merge(fp8_pair, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_fp8_pair_on_the_device(fp8_pair, dequantized_pair, tmp_path):
+def test_fp8_pair_on_the_device(fp8_pair, exact_pair, tmp_path):
     """--cuda: the FP8 pair is dequantized on the host as it is read, refined on the device."""
     cfg = write_yaml(tmp_path / "cuda.yml", base_config(*fp8_pair))
     run_cli("mergekit-yaml", cfg, tmp_path / "device", "--cuda")
-    deq_base, deq_instruct = load_dir(dequantized_pair[0]), load_dir(dequantized_pair[1])
+    deq_base, deq_instruct = load_dir(exact_pair[0]), load_dir(exact_pair[1])
     assert_matches(tmp_path / "device", expected(deq_base, deq_instruct, lambda name: 0.2))
     assert "quantization_config" not in config_of(tmp_path / "device")
 
