@@ -1,9 +1,13 @@
 """Bad input stops the merge with one clear line and leaves no output posing as success."""
 
+import os
+import shutil
+import subprocess
+
 import pytest
 from safetensors.torch import load_file, save_file
 
-from helpers import run_cli, write_yaml
+from helpers import cli, run_cli, write_yaml
 from mergekit_timber.testing.synthetic import write_pair
 
 
@@ -111,3 +115,75 @@ def test_conflicting_cutoffs(pair, tmp_path):
     base, instruct = pair
     line = one_line(fail(tmp_path, cfg(base, [instruct], rank_ratio=0.9, energy=0.98), "choose one cutoff rule"))
     assert "rank_ratio=0.9" in line and "energy=0.98" in line
+
+
+# ------------------------------------------------------------------ user-caused, one line each (issue 27)
+
+
+@pytest.mark.parametrize("role", ["base", "instruct"])
+def test_model_folder_without_config_json(pair, tmp_path, role):
+    base, instruct = pair
+    bare = tmp_path / role
+    shutil.copytree({"base": base, "instruct": instruct}[role], bare)
+    (bare / "config.json").unlink()
+    models = {"base": (bare, instruct), "instruct": (base, bare)}[role]
+    line = one_line(fail(tmp_path, cfg(models[0], [models[1]]), "no config.json"))
+    assert f"{role} model {bare}: no config.json" in line
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("merge_method: timber\nmodels: [\n", "bad.yml: not valid YAML at line 3, column 1"),
+    ("", "bad.yml: the YAML file is empty"),
+    ("# only a comment\n", "bad.yml: the YAML file is empty"),
+])  # fmt: skip
+def test_unreadable_recipe(tmp_path, text, expected):
+    one_line(fail(tmp_path, text, expected))
+
+
+def test_unknown_dtype_in_a_timber_recipe_only(pair, tmp_path):
+    base, instruct = pair
+    line = one_line(fail(tmp_path, dict(cfg(base, [instruct]), out_dtype="float17"), "out_dtype: 'float17'"))
+    assert "is not a dtype mergekit knows; did you mean 'float16'?" in line
+    # Another method's recipe keeps mergekit's own answer, untouched.
+    linear = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in pair],
+              "out_dtype": "float17"}
+    stderr = fail(tmp_path, linear, 'RuntimeError: Unimplemented dtype "float17"')
+    assert "Traceback" in stderr and "mergekit-timber: error" not in stderr
+
+
+def test_float16_overflow_blames_the_cast(pair, tmp_path):
+    base, instruct = pair
+    big = tmp_path / "big"
+    shutil.copytree(base, big)
+    weights = load_file(str(big / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.weight"][1, 2] = 1e6  # fine in bf16, Inf in float16
+    save_file(weights, str(big / "model.safetensors"), metadata={"format": "pt"})
+    line = one_line(fail(tmp_path, dict(cfg(big, [instruct]), dtype="float16"), "once cast to float16"))
+    assert ("model.layers.0.self_attn.q_proj.weight: the base model's tensor is finite in its file (BF16) but holds "
+            "1 Inf value(s) once cast to float16, the recipe's dtype:") in line and "use dtype: bfloat16" in line
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_file_size_limit(pair, tmp_path, safe):
+    base, instruct = pair
+    config = write_yaml(tmp_path / "ok.yml", cfg(base, [instruct]))
+    flags = "" if safe else " --no-safe-serialization"
+    proc = subprocess.run(
+        ["bash", "-c", f"ulimit -f 64; exec {cli('mergekit-yaml')} {config} {tmp_path / 'out'}{flags}"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode != 0
+    line = one_line(proc.stderr)
+    assert f"writing the merged model into {tmp_path / 'out'} failed: " in line
+    assert "reached this process's file-size limit of 65536 bytes (ulimit -f); raise it" in line
+    if not safe:  # torch.save's own words ("unexpected pos ...") do not name the file
+        assert "pytorch_model" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_passk_on_a_binary_file(tmp_path):
+    binary = tmp_path / "records.jsonl"
+    binary.write_bytes(b'{"model": "a"}\n\xff\xfe\x00garbage')
+    proc = run_cli("mergekit-timber", "passk", binary, "-o", tmp_path / "passk", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{binary}: not a text file (byte 0xff at offset 15 is not UTF-8)" in proc.stderr
