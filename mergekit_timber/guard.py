@@ -135,7 +135,11 @@ RELIED_ON: Tuple[Relied, ...] = (
     R("mergekit.config.ConditionalParameter", "called", ("value", "filter"), why="keys of a filter entry"),
     R("mergekit.common.ModelReference", "called", ("model", "lora"),
       attrs=("model_validate", "local_path", "config", "merged", "lazy_loader"), why="models of the recipe"),
-    R("mergekit.common.dtype_from_name", "called", ("name",), why="a sweep casts to out_dtype"),
+    R("mergekit.common.dtype_from_name", "called", ("name",),
+      why="a sweep casts to out_dtype; preflight refuses a dtype: it does not know, before any work"),
+    R("mergekit.io.tasks.LoadTensor", "called", ("model", "tensor", "dtype"),
+      why="casts each input to the recipe's dtype: as it reads it: a block-FP8 merge sets float32 "
+          "(quantized.exact_config), and a float16 overflow is blamed on that cast (finite.blame_cast)"),
     R("mergekit.architecture.get_architecture_info", "called", ("config", "options"),
       why="preflight compares the tensors mergekit will read"),
     R("mergekit.architecture.arch_info_for_config", "called", ("config",), why="vocabulary-sized tensors"),
