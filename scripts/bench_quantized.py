@@ -8,7 +8,8 @@ The pair is Qwen3-0.6B-shaped (hidden 1024, intermediate 3072, 16/8 heads of 128
 8192 to keep it small), written in block-FP8 as DeepSeek-V3 is (128x128 blocks,
 mergekit_timber.testing.quantized_pairs). Each job runs in its own process under
 /usr/bin/time -v (scripts/benchmark.py: measure). Writes a markdown table to --out and
-checks that the two merges wrote the same tensors, bit for bit.
+counts the elements where the two merges differ: the FP8 merge reads the exact float32
+values and rounds once, the other merge starts from weights already rounded to bf16.
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ def model_mb(directory: Path) -> float:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 2**20
 
 
-def same_tensors(a: Path, b: Path) -> bool:
+def differing(a: Path, b: Path) -> float:
+    """Share of the elements of two outputs (same tensor names) that differ."""
     with Checkpoint(a, "a") as x, Checkpoint(b, "b") as y:
-        return sorted(x.names()) == sorted(y.names()) and all(torch.equal(x.tensor(n), y.tensor(n)) for n in x.names())
+        if sorted(x.names()) != sorted(y.names()):
+            raise SystemExit("the two merges wrote different tensor names")
+        differ = sum(int((x.tensor(n) != y.tensor(n)).sum()) for n in x.names())
+        return differ / sum(x.tensor(n).numel() for n in x.names())
 
 
 def main() -> int:
@@ -64,11 +69,12 @@ def main() -> int:
     if any(job["rc"] for job in jobs):
         print("a job failed; see the logs under", work / "logs")
         return 1
-    same = same_tensors(*outs.values())
+    differ = differing(*outs.values())
     lines = [
         f"Qwen3-0.6B-shaped pair, {args.layers} layers, vocab 8192: one FP8 model "
         f"{model_mb(fp8[1]):.0f} MB, dequantized {model_mb(deq / 'instruct'):.0f} MB, merged output "
-        f"{model_mb(outs['FP8 pair']):.0f} MB; the two merges wrote identical tensors: {'yes' if same else 'NO'}.",
+        f"{model_mb(outs['FP8 pair']):.0f} MB; elements where the FP8 merge (exact float32 values, "
+        f"rounded once) differs from the merge of the bf16 dequantized pair: {100 * differ:.1f}%.",
         "",
         "| job | wall s | peak RSS MB |",
         "|---|---|---|",
@@ -80,7 +86,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0 if same else 1
+    return 0
 
 
 if __name__ == "__main__":
