@@ -175,11 +175,40 @@ def instruct_tensors(instruct_dir: Path) -> Dict[str, Optional[Tuple[int, ...]]]
     return stored
 
 
-def _check_tensors(written: Mapping[str, Tuple[int, ...]], instruct_dir: Path, merge_config) -> None:
+def _mergekit_reads(merge_config, options):
+    """(name -> whether mergekit reads the Instruct's stored tensor `name`, name -> whether
+    mergekit writes `name` as a tied copy of a stored one), from mergekit's architecture."""
+    from mergekit_timber.preflight import architecture_weights
+    from mergekit_timber.recipe import base_model
+
+    base = base_model(merge_config)
+    weights = architecture_weights(merge_config, options, base) if base is not None else None
+    if weights is None:  # no architecture to ask: every stored tensor must be there
+        return (lambda name: True), (lambda name, stored: False)
+    listed = {n for w in weights for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
+    # Per-expert tensors mergekit reads stacked, through transformers' conversion.
+    stacked = tuple(w.name.split(".experts")[0] + ".experts" for w in weights if ".experts" in w.name)
+    tied = {w.name: tuple(w.tied_names or ()) for w in weights}
+
+    def reads(name: str) -> bool:
+        return name in listed or name.startswith(stacked)
+
+    def tied_copy(name: str, stored) -> bool:
+        return any(t in stored for t in tied.get(name, ()))
+
+    return reads, tied_copy
+
+
+def _check_tensors(written: Mapping[str, Tuple[int, ...]], instruct_dir: Path, merge_config, options) -> None:
     from mergekit_timber.card import mergekit_makes_tokenizer
     from mergekit_timber.hub_layout import _layer_template
 
     stored = instruct_tensors(instruct_dir)
+    reads, tied_copy = _mergekit_reads(merge_config, options)
+    # A tensor mergekit never reads (not in its architecture) is not written; a tied head
+    # (Gemma's lm_head) is written as a copy of the embeddings the checkpoint stores.
+    stored = {n: s for n, s in stored.items() if reads(n)}
+    written = {n: s for n, s in written.items() if n in stored or not tied_copy(n, stored)}
     sliced = bool(merge_config.slices or merge_config.modules)
     key = _layer_template if sliced else (lambda name: name)  # slices renumber layers
     want = {key(n): s for n, s in stored.items()}
@@ -192,10 +221,10 @@ def _check_tensors(written: Mapping[str, Tuple[int, ...]], instruct_dir: Path, m
             f"{name}: {why} the Instruct checkpoint ({instruct_dir}); nothing was published"
         )
 
+    for name in sorted(set(got) - set(want)):  # first: a layout not converted back shows here
+        refuse(name, "in the merged model but not stored by")
     for name in sorted(set(want) - set(got)):
         refuse(name, "missing from the merged model, though stored by")
-    for name in sorted(set(got) - set(want)):
-        refuse(name, "in the merged model but not stored by")
     for name in sorted(want):
         shape, stored_shape = got[name], want[name]
         if stored_shape is None or tuple(stored_shape) == shape:
@@ -225,4 +254,4 @@ def verify(stage: Path, instruct_dir: Path, merge_config, options, written: Mapp
     around its weights under the Instruct's tensor names and shapes (`written`: name -> shape)."""
     stage, instruct_dir = Path(stage), Path(instruct_dir)
     _check_files(stage, instruct_dir, merge_config, options)
-    _check_tensors(written, instruct_dir, merge_config)
+    _check_tensors(written, instruct_dir, merge_config, options)

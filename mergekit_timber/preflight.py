@@ -399,7 +399,7 @@ def _pair(merge_config) -> Optional[Tuple[Any, Any]]:
     return base, others[0]
 
 
-def _architecture_weights(merge_config, options, base) -> Optional[List[Any]]:
+def architecture_weights(merge_config, options, base) -> Optional[List[Any]]:
     """The configured architecture's weights (name, aliases, tied names, optional), as
     mergekit plans them; None when mergekit knows no architecture for the pair."""
     from mergekit.architecture import get_architecture_info
@@ -442,7 +442,7 @@ def _check_pair(merge_config, options, base: Tuple[str, Any], instruct: Tuple[st
     (base_label, b), (inst_label, i) = base, instruct
     base_ref, inst_ref = refs if refs else (None, None)
     names_b, names_i = set(b.names()), set(i.names())
-    weights = _architecture_weights(merge_config, options, base_ref) if base_ref is not None else None
+    weights = architecture_weights(merge_config, options, base_ref) if base_ref is not None else None
     known_architecture = weights is not None
     weights = weights if known_architecture else _fallback_weights()
 

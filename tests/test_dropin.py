@@ -89,13 +89,21 @@ def test_every_sweep_output(pair, tmp_path):
 
 
 def _in_process(config, out, original=False):
+    """The merge through the seam, or (`original`) by mergekit alone: the patches undone."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    from mergekit_timber import guard
+    from mergekit_timber import patches
 
-    merge = guard.lookup("mergekit.merge.run_merge") if original else run_merge
-    merge(MergeConfiguration.model_validate(config), str(out), options=MergeOptions(quiet=True))
+    if original:
+        patches.undo()
+    try:
+        merge = __import__("mergekit.merge").merge.run_merge  # mergekit's own while undone
+        merge(MergeConfiguration.model_validate(config), str(out), options=MergeOptions(quiet=True))
+    finally:
+        if original:
+            patches.install()
+    assert getattr(run_merge, "_timber_seam", False)
     return load_dir(out)
 
 

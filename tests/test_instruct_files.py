@@ -129,7 +129,7 @@ def test_a_merge_without_one_patch_stops_and_publishes_nothing(pairs, tmp_path, 
         "run_merge": "run_merge was called without mergekit-timber's seam",
         "_model_out_config": "config.json: mergekit wrote",
         "_get_donor_model": "tokenizer_config.json: is not a copy of the Instruct model's",
-        "TensorWriter.save_tensor": "missing from the merged model, though stored by the Instruct checkpoint",
+        "TensorWriter.save_tensor": "mlp.experts.down_proj: in the merged model but not stored by the Instruct",
     }[patch]
     assert expected in line, line
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing published, no staging left
