@@ -74,10 +74,14 @@ class Model:
 
 def require_extra() -> None:
     """One line naming the extra when Ray or lm-eval is missing."""
-    import importlib.util
+    import importlib
 
-    missing = [name for name, module in (("ray", "ray"), ("lm-eval", "lm_eval"))
-               if importlib.util.find_spec(module) is None]
+    missing = []
+    for name, module in (("ray", "ray"), ("lm-eval", "lm_eval")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise TimberError(f"mergekit-timber search needs {' and '.join(missing)}: {EXTRA_HINT}")
 
