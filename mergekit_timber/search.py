@@ -24,6 +24,7 @@ import difflib
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -290,6 +291,9 @@ def run_evaluations(jobs: Sequence[EvalJob], say: Callable[[str], None]) -> Outc
         pending[ref] = (job, attempt)
 
     todo = [job for job in jobs if not finished(job)]
+    for job in todo:  # what an interrupted run left half-written
+        for staging in Path(job.out).parent.glob(f".{Path(job.out).name}.partial-*"):
+            shutil.rmtree(staging, ignore_errors=True)
     for job in jobs:
         if job not in todo:
             say(f"evaluation of {job.label}: already done with these settings, kept")
