@@ -11,10 +11,10 @@ folder and its own process, timed from the process's start to its result:
   point sums, hence the samples; and a 0.45 M-parameter model has little work to split);
 - search, 1 worker: `run_search` with Ray embedded on 1 CPU (one evaluation at a time);
 - search, 2 workers: the same on 2 CPUs (two evaluations at a time, one thread each).
-Prints a table with the ratios (sequential / search with 2 workers; 1 worker / 2 workers)
-and the load average around each run. All three write the same samples (same seeds and
-batches; checked). The pair comes from --pair, toy_search/pair, toy_study/default/seed-0/pair,
-or is trained (~2 min).
+Prints (and writes to OUT/bench.md) a table with the ratios (sequential / search with 2
+workers; 1 worker / 2 workers); the load average around each run goes to stderr. All three
+write the same samples (same seeds and batches; checked). The pair comes from --pair,
+toy_search/pair, toy_study/default/seed-0/pair, or is trained (~2 min).
 """
 
 from __future__ import annotations
@@ -137,16 +137,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind}: {seconds[kind]:.1f} s", file=sys.stderr, flush=True)
     same = samples_of(out / "sequential") == samples_of(out / "workers-1") == samples_of(out / "workers-2")
 
+    lines = []
     rows = [("sequential: sweep + 6 evaluations one after another, one process, no Ray", "sequential"),
             ("`run_search`, Ray embedded, 1 CPU worker", "workers-1"),
             ("`run_search`, Ray embedded, 2 CPU workers", "workers-2")]
-    print(f"Toy pair, {len(LAMBDAS)} lambdas + Instruct + Base, {args.problems} problems x {args.repeats} samples,"
-          f" max 64 new tokens; {os.cpu_count()} cores. Same samples in all three runs: {'yes' if same else 'NO'}.\n")
-    print("| run | wall time | load average before / after |\n|---|---|---|")
+    lines.append(f"Toy pair, {len(LAMBDAS)} lambdas + Instruct + Base, {args.problems} problems x {args.repeats}"
+                 f" samples, max 64 new tokens; {os.cpu_count()} cores. Same samples in all three runs:"
+                 f" {'yes' if same else 'NO'}.\n")
+    lines.append("| run | wall time |\n|---|---|")
     for text, kind in rows:
-        print(f"| {text} | {seconds[kind]:.1f} s | {loads[kind][0]:.1f} / {loads[kind][1]:.1f} |")
-    print(f"\nsequential / search with 2 workers: {seconds['sequential'] / seconds['workers-2']:.2f}x; "
-          f"1 worker / 2 workers: {seconds['workers-1'] / seconds['workers-2']:.2f}x")
+        lines.append(f"| {text} | {seconds[kind]:.1f} s |")
+        # The load says how busy the cores were (not in the file: it varies too much to compare).
+        print(f"{kind}: load average {loads[kind][0]:.1f} before, {loads[kind][1]:.1f} after", file=sys.stderr)
+    lines.append(f"\nsequential / search with 2 workers: {seconds['sequential'] / seconds['workers-2']:.2f}x; "
+                 f"1 worker / 2 workers: {seconds['workers-1'] / seconds['workers-2']:.2f}x")
+    text = "\n".join(lines) + "\n"
+    (out / "bench.md").write_text(text)
+    print(text, end="")
     return 0 if same else 1
 
 
