@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of `mergekit-timber search` on the toy pair: Ray against one process, 1 and 2 workers.
 
-    python scripts/bench_search.py [--pair DIR] [--problems 40] [--repeats 8] [-o bench-out/search]
+    python scripts/bench_search.py [--pair DIR] [--problems 100] [--repeats 16] [-o bench-out/search]
 
 Three runs of the same search (the default toy pair, lambdas 0, 0.2, 0.5, 0.8, Instruct and
 Base: one sweep and six lm-eval evaluations, the same settings), each from nothing in its own
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output", type=Path, default=Path("bench-out/search"))
     p.add_argument("--pair", type=Path)
-    p.add_argument("--problems", type=int, default=40, help="held-out problems used (default 40)")
-    p.add_argument("--repeats", type=int, default=8, help="samples per problem (default 8)")
+    p.add_argument("--problems", type=int, default=100, help="held-out problems used (default 100: all)")
+    p.add_argument("--repeats", type=int, default=16, help="samples per problem (default 16)")
     p.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)  # a child's run
     args = p.parse_args(argv)
     out = args.output.resolve()

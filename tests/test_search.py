@@ -14,11 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
-from helpers import run_cli, write_yaml
+from helpers import run_cli, shared_toy_pair, write_yaml
 
 import toy_lmeval_task
-import toy_pair
 
 LAMBDAS = "0,0.5"
 MODELS = ("base", "lambda-0", "lambda-0.5", "instruct")
@@ -49,13 +47,8 @@ def always_fails(doc, results):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> Path:
-    """The 'fast' toy pair, trained once per test session (shared with tests/test_toy.py)."""
-    root = tmp_path_factory.getbasetemp().parent  # common to every worker of the run
-    out = root / "toy_pair_fast"
-    with FileLock(str(root / "toy_pair_fast.lock")):
-        if not (out / "pair.json").exists():
-            toy_pair.build_pair(out, "fast", seed=0, threads=1)
-    return out
+    """The 'fast' pair, trained once per test session (shared by the xdist workers)."""
+    return shared_toy_pair(tmp_path_factory)
 
 
 @pytest.fixture
@@ -162,3 +155,12 @@ def test_missing_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: importing it fails
     with pytest.raises(TimberError, match=r"needs ray: pip install 'mergekit-timber\[search\]'"):
         require_extra()
+
+
+def test_the_merge_method_imports_neither_search_nor_ray_nor_lm_eval():
+    code = ("import sys, mergekit.merge, mergekit_timber.method, mergekit_timber.sweep, mergekit_timber.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'lm_eval') or m.startswith('mergekit_timber.search')))")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
