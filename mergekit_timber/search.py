@@ -236,7 +236,14 @@ class Cluster:
         common = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                       runtime_env={"env_vars": env} if env else None)
         if self.address:
-            ray.init(address=self.address, **common)
+            try:
+                ray.init(address=self.address, **common)
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                first = str(error).strip().splitlines()
+                raise TimberError(
+                    f"cannot join the Ray cluster at {self.address} ({first[0] if first else type(error).__name__});"
+                    " is `ray start --head` running there, and is this its address (as `ray start` printed it)?"
+                ) from None
         else:
             cpus = self.workers or max(1, (os.cpu_count() or 1) // self.threads)
             ray.init(num_cpus=cpus * self.threads, **common)
