@@ -40,7 +40,8 @@ def read_counts(jobs: Sequence[EvalJob], warn: Callable[[str], None]) -> List[pk
         for task, path in sample_files(Path(job.out)).items():
             as_task = job.as_tasks[job.tasks.index(task)]
             for tally in pk.read_tallies([path], fmt="lm-eval", label=job.label, warn=warn):
-                tallies.append(dataclasses.replace(tally, problem=as_task + tally.problem[len(task):]))
+                doc_id = tally.problem.rsplit("/", 1)[-1]  # "<task>/<doc_id>", or "<doc_id>" if renamed
+                tallies.append(dataclasses.replace(tally, problem=f"{as_task}/{doc_id}"))
     try:
         return pk.group_counts(tallies, [job.label for job in jobs])
     except pk.PasskError as error:

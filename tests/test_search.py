@@ -164,3 +164,43 @@ def test_the_merge_method_imports_neither_search_nor_ray_nor_lm_eval():
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_report_scores_real_lm_eval_samples_with_passk_and_a_paired_band(tmp_path):
+    """search_report on lm-eval's own output (tests/data): the same numbers as passk, the Base's
+    variant task scored under the task's name, the best lambda and its paired difference."""
+    import numpy as np
+
+    from mergekit_timber import passk as pk
+    from mergekit_timber.search_eval import EvalJob, Sampling
+    from mergekit_timber.search_report import report
+
+    data = Path(__file__).parent / "data" / "lm_eval-0.4.13"
+    files = {m: next((data / f"__tmp__lmeval-fixtures__{m}").glob(f"samples_{t}_*.jsonl"))
+             for m, t in (("base", "tiny_repeat_list"), ("timber", "tiny_repeat_list"))}
+    files["variant"] = next((data / "__tmp__lmeval-fixtures__base").glob("samples_tiny_em_all_*.jsonl"))
+    jobs = []
+    for label, key, task in (("base", "variant", "tiny_em_all"), ("lambda-0.5", "timber", "tiny_repeat_list"),
+                             ("instruct", "base", "tiny_repeat_list")):
+        out = tmp_path / "evals" / label
+        out.mkdir(parents=True)
+        (out / "samples.jsonl").write_bytes(files[key].read_bytes())
+        (out / "record.json").write_text(json.dumps({"samples": {task: "samples.jsonl"}}))
+        jobs.append(EvalJob(label, "m", (task,), ("tiny_repeat_list",), None, False, False, Sampling(), None, None,
+                            None, 16, "hf", "cpu", "auto", 1, str(out), "f"))
+    text = report(jobs, {"lambda-0.5": 0.5}, (1, 4), 200, 0.95, 0, tmp_path, say=lambda m: None)
+
+    rows = {(r["model"], int(r["k"])): r for r in csv.DictReader(open(tmp_path / "passk.csv"))}
+    for label, key in (("lambda-0.5", "timber"), ("instruct", "base")):
+        (counts,) = pk.group_counts(pk.read_tallies([files[key]], label=label))
+        curve = pk.compute_curve(counts, (1, 4), 200, 0.95, 0)
+        assert [float(rows[(label, k)]["pass_at_k"]) for k in (1, 4)] == pytest.approx(curve.pass_at_k.tolist())
+        assert [float(rows[(label, k)]["ci_low"]) for k in (1, 4)] == pytest.approx(curve.ci_low.tolist())
+    assert rows[("base", 1)]["problems"] == "10"  # tiny_em_all/<doc> read as tiny_repeat_list/<doc>
+    best = {int(b["k"]): b for b in csv.DictReader(open(tmp_path / "best_lambda.csv"))}
+    for k in (1, 4):
+        diff = float(rows[("lambda-0.5", k)]["pass_at_k"]) - float(rows[("instruct", k)]["pass_at_k"])
+        assert best[k]["best_lambda"] == "0.5" and float(best[k]["diff_vs_instruct"]) == pytest.approx(diff)
+        assert float(best[k]["diff_low"]) <= diff <= float(best[k]["diff_high"])
+        assert not np.isnan(float(best[k]["diff_low"]))
+    assert "| lambda-0.5 | 0.5 |" in text and (tmp_path / "passk_vs_lambda.png").exists()
