@@ -246,7 +246,9 @@ class Cluster:
                 ) from None
         else:
             cpus = self.workers or max(1, (os.cpu_count() or 1) // self.threads)
-            ray.init(num_cpus=cpus * self.threads, **common)
+            # "local": a Ray of our own. Without an address, ray.init would join any Ray
+            # already running on this machine (another search, a `ray start`).
+            ray.init(address="local", num_cpus=cpus * self.threads, **common)
         return self
 
     def gpus(self) -> float:
