@@ -66,3 +66,18 @@ def base_config(base, instruct, method="timber", **params) -> dict:
     if params:
         cfg["parameters"] = params
     return cfg
+
+
+def shared_toy_pair(tmp_path_factory) -> Path:
+    """The 'fast' toy pair (scripts/toy_pair.py), trained once per test session and shared
+    by the xdist workers and the test files that use it."""
+    from filelock import FileLock
+
+    import toy_pair
+
+    root = tmp_path_factory.getbasetemp().parent  # common to every worker of the run
+    out = root / "toy_pair_fast"
+    with FileLock(str(root / "toy_pair_fast.lock")):
+        if not (out / "pair.json").exists():
+            toy_pair.build_pair(out, "fast", seed=0, threads=1)
+    return out

@@ -49,6 +49,8 @@ SKIPPED = {
 SKIPPED_SECTIONS = {
     "Timber on a trained toy pair": "trains a toy pair for minutes: tests/test_toy.py",
     "Speed and memory": "the benchmark runs for about 20 minutes: tests/test_bench_floor.py runs a piece",
+    "Choose lambda by measurement: `mergekit-timber search`": "trains the toy pair and evaluates six models for"
+    " minutes: tests/test_search.py runs a smaller search",
 }
 
 

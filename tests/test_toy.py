@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
-from helpers import run_cli, write_yaml
+from helpers import run_cli, shared_toy_pair, write_yaml
 
 import sample
 import toy_pair
@@ -31,12 +30,7 @@ NEAR_ONE_LAMBDA, PASS1_MARGIN = 0.95, 0.10
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> Path:
     """The 'fast' pair, trained once per test session (shared by the xdist workers)."""
-    root = tmp_path_factory.getbasetemp().parent  # common to every worker of the run
-    out = root / "toy_pair_fast"
-    with FileLock(str(root / "toy_pair_fast.lock")):
-        if not (out / "pair.json").exists():
-            toy_pair.build_pair(out, "fast", seed=0, threads=1)
-    return out
+    return shared_toy_pair(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,10 @@ COMMANDS = {
         "mergekit_timber.cli.recipe:recipe",
         "Print a ready Timber YAML for a Base/Instruct pair (local dirs or Hub ids).",
     ),
+    "search": (
+        "mergekit_timber.cli.search:search",
+        "Choose lambda by Pass@k: one sweep, lm-eval per model as Ray tasks (extra [search]).",
+    ),
     "passk": (
         "mergekit_timber.cli.passk:passk",
         "Pass@k curves with bootstrap intervals from per-sample records.",
