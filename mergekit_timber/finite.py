@@ -21,14 +21,15 @@ _CHUNK = 1 << 22  # elements per check: never a full-size boolean mask of a larg
 
 
 def count_nonfinite(tensor: torch.Tensor) -> int:
-    """NaN/Inf values of a floating-point `tensor`, counted chunk by chunk."""
+    """NaN/Inf values of a floating-point `tensor`, counted chunk by chunk.
+
+    The count accumulates on the tensor's device: one synchronisation at the end, not one
+    per chunk."""
     flat = tensor.reshape(-1)
-    bad = 0
+    bad = torch.zeros((), dtype=torch.int64, device=tensor.device)
     for start in range(0, flat.numel(), _CHUNK):
-        finite = torch.isfinite(flat[start : start + _CHUNK])
-        if not bool(finite.all()):
-            bad += int((~finite).sum())
-    return bad
+        bad += torch.isfinite(flat[start : start + _CHUNK]).logical_not_().sum()
+    return int(bad)
 
 
 def check_tensor(name: str, tensor: torch.Tensor, label: str = "") -> None:

@@ -27,7 +27,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_timber import DISTRIBUTION, PAPER_URL, input_pages, layout
+from mergekit_timber import DISTRIBUTION, PAPER_URL, finite, input_pages, layout
 from mergekit_timber.errors import TimberConfigError, TimberInputError
 from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
@@ -183,8 +183,8 @@ def _refine(split, base, instruct, lams, rule) -> Tuple[torch.Tensor, ...]:
 
 
 def check_finite(name: str, which: str, tensor: torch.Tensor) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    bad = finite.count_nonfinite(tensor)  # in chunks: no full-size mask on the device
+    if bad:
         raise TimberInputError(
             f"{name}: the {which} model's tensor holds {bad} NaN/Inf value(s); "
             "refusing to merge it"
