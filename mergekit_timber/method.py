@@ -27,7 +27,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_timber import DISTRIBUTION, PAPER_URL, finite, input_pages, layout
+from mergekit_timber import DISTRIBUTION, PAPER_URL, finite, input_pages, layout, signals
 from mergekit_timber.errors import TimberConfigError, TimberInputError
 from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
@@ -176,9 +176,15 @@ def refine_tensor(
     return outs if many else outs[0]
 
 
+def _chunk_read(view: torch.Tensor) -> None:
+    """The kernel's read hook: give the pages back; stop here if a signal ends the merge."""
+    input_pages.release(view)
+    signals.raise_if_stopping()  # --multi-gpu workers get no signal themselves
+
+
 def _refine(split, base, instruct, lams, rule) -> Tuple[torch.Tensor, ...]:
     stacks = split.matrices(base), split.matrices(instruct)
-    outs = refine_stack(*stacks, lams, rule, read_hook=input_pages.release).tensors
+    outs = refine_stack(*stacks, lams, rule, read_hook=_chunk_read).tensors
     return tuple(split.restore(out, instruct) for out in outs)
 
 
@@ -255,6 +261,7 @@ class TimberMerge(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         # mergekit has checked the shapes (TensorGroup.validate_tensors) on both its
         # entry points before this is called.
+        signals.raise_if_stopping()  # a worker thread of --multi-gpu: see signals
         name = group.metadata.name or "<unnamed tensor>"
         base, (instruct,) = group.base.tensor, [e.tensor for e in group.non_base]
         lam = 0.0 if self.tail_removed else float(_single(parameters["lambda"]))

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from mergekit_timber import finite, guard, hub_layout, preflight, quantized, signals
+from mergekit_timber import finite, guard, hub_layout, preflight, quantized, signals, worker_threads
 from mergekit_timber.card import has_tokenizer, mergekit_makes_tokenizer, model_card
 from mergekit_timber.errors import TimberOutputError
 from mergekit_timber.output_dir import OutputDir, describe, writing_into
@@ -84,9 +84,10 @@ def write_merge(
     instruct, source = instruct_model(config).model.path, instruct_dir(config, options)
     # block-FP8 inputs are read dequantized; tensors are written under the Instruct
     # checkpoint's own names and layout (hub_layout).
-    with writing_into(stage), quantized.dequantized_reading(config, options), hub_layout.written_like_instruct(
-        source, [stage], trust_remote_code=options.trust_remote_code
-    ):
+    # --multi-gpu workers see the options too (worker_threads).
+    with writing_into(stage), worker_threads.options_in_every_thread(options), quantized.dequantized_reading(
+        config, options
+    ), hub_layout.written_like_instruct(source, [stage], trust_remote_code=options.trust_remote_code):
         guard.lookup("mergekit.merge.run_merge")(inner_config, str(stage), options=inner_options)
     finite.check_written(stage)
 
