@@ -495,6 +495,7 @@ def refine_stack(
     out_dtype: Optional[torch.dtype] = None,
     read_hook: ReadHook = None,
     budget: Optional[int] = None,
+    outs: Optional[Sequence[torch.Tensor]] = None,
 ) -> Refined:
     """Timber on a stack of matrices [B, m, n]: one decomposition per matrix.
 
@@ -504,15 +505,21 @@ def refine_stack(
     inputs' device. The matrices are decomposed in batches within `budget` bytes of
     scratch (default: memory_budget; see the module docstring). `read_hook`, if given,
     is called with each chunk of the inputs once it has been read (see ReadHook).
+    `outs`, if given, are written instead (one per lambda, the inputs' shape: views of
+    a larger tensor are fine).
     """
     if base.shape != instruct.shape or base.ndim != 3:
         raise ValueError(
             f"expected two equal [B, m, n] stacks; got {tuple(base.shape)} and {tuple(instruct.shape)}"
         )
     lams = [float(lam)] if isinstance(lam, (int, float)) else [float(x) for x in lam]
-    out_dtype = out_dtype or instruct.dtype
     device = instruct.device
-    outs = [torch.empty(instruct.shape, dtype=out_dtype, device=device) for _ in lams]
+    if outs is None:
+        out_dtype = out_dtype or instruct.dtype
+        outs = [torch.empty(instruct.shape, dtype=out_dtype, device=device) for _ in lams]
+    elif len(outs) != len(lams) or any(o.shape != instruct.shape for o in outs):
+        raise ValueError(f"expected {len(lams)} outputs of shape {tuple(instruct.shape)}")
+    out_dtype = outs[0].dtype
     b_tall, i_tall, o_talls = as_tall(base), as_tall(instruct), [as_tall(o) for o in outs]
     matrices, m, n = i_tall.shape
     on_host = route_for(device) == "host"

@@ -183,9 +183,13 @@ def _chunk_read(view: torch.Tensor) -> None:
 
 
 def _refine(split, base, instruct, lams, rule) -> Tuple[torch.Tensor, ...]:
-    stacks = split.matrices(base), split.matrices(instruct)
-    outs = refine_stack(*stacks, lams, rule, read_hook=_chunk_read).tensors
-    return tuple(split.restore(out, instruct) for out in outs)
+    # Views throughout (Split.stacks): no copy of the inputs or outputs beside the kernel's
+    # budgeted scratch, whatever the number of experts.
+    outs = tuple(torch.empty_like(instruct, memory_format=torch.contiguous_format) for _ in lams)
+    parts = zip(split.stacks(base), split.stacks(instruct), *(split.stacks(out) for out in outs))
+    for b, i, *o in parts:
+        refine_stack(b, i, lams, rule, read_hook=_chunk_read, outs=o)
+    return outs
 
 
 def check_finite(name: str, which: str, tensor: torch.Tensor) -> None:
