@@ -31,8 +31,9 @@ device when the route is not "device".
 Memory model (`plan_batches`): a stack of E tall [m, n] matrices is decomposed in
 batches of b matrices, b the largest whose scratch fits the memory budget
 (MERGEKIT_TIMBER_MEMORY_BUDGET, bytes or 512M / 8G / 8GiB; by default 90% of the
-device's free memory on CUDA at the call, after the outputs are allocated, and half of
-the host's available memory elsewhere). Besides its inputs and the outputs it returns,
+device's free memory on CUDA at the call, after the outputs are allocated; elsewhere
+1 GiB, or half of the host's available memory if that is less: on a CPU a larger batch
+is not faster, batched LAPACK and BLAS calls loop over the matrices anyway). Besides its inputs and the outputs it returns,
 the kernel holds at most `Plan.peak` bytes:
 
     fixed (one eigensolver workspace):      8 * (2 n^2 + 6 n + 1) + 4 * (5 n + 3)
@@ -42,7 +43,9 @@ the kernel holds at most `Plan.peak` bytes:
         (4 r n doubles); eigenvalues, spectrum (2 n); a boolean of the Gram (n^2 bytes)
 
 with r = min(m, CHUNK_BYTES / (8 n)) rows: the chunk height does not depend on b, so
-every batch reads its Gram ceil(m / r) times however many experts it holds. The
+every batch reads its Gram ceil(m / r) times however many experts it holds. On the host
+a batch is also kept to b r n <= CHUNK_BYTES / 8 where one matrix allows (see
+CHUNK_BYTES: bigger buffers cost page faults there, and bigger batches gain nothing). The
 "host" route also holds the batch's inputs and outputs on the host. A budget below
 one matrix's need still runs, one matrix at a time (and says so once).
 """
@@ -391,8 +394,8 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
 
 BUDGET_ENV = "MERGEKIT_TIMBER_MEMORY_BUDGET"
 DEVICE_BUDGET_SHARE = 0.9  # of the CUDA device's free memory: room for the allocator's rounding
-HOST_BUDGET_SHARE = 0.5  # of the host's available memory (MemAvailable)
-HOST_BUDGET_FALLBACK = 4 << 30  # where the host cannot say (no /proc/meminfo)
+HOST_BUDGET = 1 << 30  # on the host, at most: bigger batches are not faster there
+HOST_BUDGET_SHARE = 0.5  # of the host's available memory (MemAvailable), if that is less
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
@@ -429,7 +432,7 @@ def memory_budget(device: torch.device) -> int:
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(DEVICE_BUDGET_SHARE * (free + cached))
     available = _host_available()
-    return int(HOST_BUDGET_SHARE * available) if available else HOST_BUDGET_FALLBACK
+    return min(HOST_BUDGET, int(HOST_BUDGET_SHARE * available)) if available else HOST_BUDGET
 
 
 @dataclass(frozen=True)
@@ -457,17 +460,23 @@ class Plan:
         return self.peak <= self.budget
 
 
-def plan_batches(shape: Sequence[int], budget: int, extra_per_matrix: int = 0) -> Plan:
+def plan_batches(
+    shape: Sequence[int], budget: int, extra_per_matrix: int = 0, chunk_cap: Optional[int] = None
+) -> Plan:
     """The batches for a tall [E, m, n] stack within `budget` bytes of scratch.
 
     `extra_per_matrix`: bytes per matrix the caller holds besides (the "host" route's
-    copies of a batch). Pure arithmetic: no allocation, no device needed.
+    copies of a batch). `chunk_cap`: also keep a batch's row chunk (all its matrices)
+    within this many bytes of float64, as far as one matrix allows (the host: see
+    CHUNK_BYTES). Pure arithmetic: no allocation, no device needed.
     """
     matrices, m, n = int(math.prod(shape[:-2])) or 1, int(shape[-2]), int(shape[-1])
     rows = min(m, chunk_rows(n))
     fixed = 8 * (2 * n * n + 6 * n + 1) + 4 * (5 * n + 3)
     per_matrix = 8 * (3 * n * n + 4 * rows * n + 2 * n) + n * n + extra_per_matrix
     batch = max(1, min(matrices, (budget - fixed) // per_matrix))
+    if chunk_cap is not None:
+        batch = max(1, min(batch, chunk_cap // (8 * rows * n)))
     return Plan(matrices, batch, rows, fixed, per_matrix, budget)
 
 
@@ -526,7 +535,10 @@ def refine_stack(
     # The "host" route copies each batch's inputs there and builds its outputs there.
     extra = m * n * (2 * instruct.element_size() + len(lams) * outs[0].element_size()) if on_host else 0
     where = torch.device("cpu") if on_host else device
-    plan = plan_batches(i_tall.shape, memory_budget(where) if budget is None else budget, extra)
+    # On the host, buffers past CHUNK_BYTES cost a page fault per page on every allocation:
+    # batches there keep their row chunk within it (smaller batches are not slower there).
+    chunk_cap = CHUNK_BYTES if where.type == "cpu" else None
+    plan = plan_batches(i_tall.shape, memory_budget(where) if budget is None else budget, extra, chunk_cap)
     if not plan.fits and (str(where), n) not in _WARNED_TIGHT:
         _WARNED_TIGHT.add((str(where), n))
         LOG.warning("mergekit-timber: one %d x %d matrix needs %.2f GB of scratch on %s, over the %.2f GB "
