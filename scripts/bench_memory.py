@@ -81,7 +81,7 @@ def main(argv=None) -> int:
             env_budget = {"MERGEKIT_TIMBER_MEMORY_BUDGET": budget} if budget else {}
             os.environ.pop("MERGEKIT_TIMBER_MEMORY_BUDGET", None)  # "": the default
             os.environ.update(env_budget)
-            out = work / "out" / f"{experts}-{label.split()[0].strip('`')}-{budget or 'default'}"
+            out = work / "out" / f"{experts}-{label.split()[0].strip('`,')}-{budget or 'default'}"
             job = measure([str(BIN / "mergekit-yaml"), str(cfg), str(out), "--quiet"], f"{experts} experts {label}", work)
             os.environ.pop("MERGEKIT_TIMBER_MEMORY_BUDGET", None)
             failed |= job["rc"] != 0
