@@ -10,7 +10,7 @@ Only the head/tail *subspace* is needed, so the kernel never forms U: it takes t
 eigen-decomposition of the smaller Gram matrix (D^T D of a tall D), in float64, which
 yields the right singular vectors and S^2. Everything is computed on the device the
 inputs live on; a wide matrix is handled as its transpose. Stacked inputs ([B, m, n])
-are decomposed in one batched call.
+are decomposed in batched calls (see the memory model below).
 
 Why float64 throughout: squaring the spectrum in a Gram matrix doubles its dynamic
 range, so a float32 Gram loses the tail of any steep spectrum (measured: 5e-2 of the
@@ -32,9 +32,9 @@ Memory model (`plan_batches`): a stack of E tall [m, n] matrices is decomposed i
 batches of b matrices, b the largest whose scratch fits the memory budget
 (MERGEKIT_TIMBER_MEMORY_BUDGET, bytes or 512M / 8G / 8GiB; by default 90% of the
 device's free memory on CUDA at the call, after the outputs are allocated; elsewhere
-1 GiB, or half of the host's available memory if that is less: on a CPU a larger batch
-is not faster, batched LAPACK and BLAS calls loop over the matrices anyway). Besides its inputs and the outputs it returns,
-the kernel holds at most `Plan.peak` bytes:
+1 GiB, or half of the host's available memory if that is less: on a CPU a larger
+batch is not faster, batched LAPACK and BLAS calls loop over the matrices anyway).
+Besides its inputs and the outputs it returns, the kernel holds at most `Plan.peak` bytes:
 
     fixed (one eigensolver workspace):      8 * (2 n^2 + 6 n + 1) + 4 * (5 n + 3)
     per matrix of a batch:                  8 * (3 n^2 + 4 r n + 2 n) + n^2
