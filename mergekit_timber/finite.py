@@ -22,14 +22,21 @@ _CHUNK = 1 << 22  # elements per check: never a full-size boolean mask of a larg
 
 
 def count_nonfinite(tensor: torch.Tensor) -> int:
-    """NaN/Inf values of a floating-point `tensor`, counted chunk by chunk."""
+    """NaN/Inf values of a floating-point `tensor`, counted chunk by chunk.
+
+    On an accelerator the count accumulates on the device: one synchronisation at the
+    end, not one per chunk. On the host, where reading a flag costs nothing, a chunk is
+    counted only if it holds any (the common case is all finite)."""
     flat = tensor.reshape(-1)
-    bad = 0
+    on_host = tensor.device.type == "cpu"
+    bad = 0 if on_host else torch.zeros((), dtype=torch.int64, device=tensor.device)
     for start in range(0, flat.numel(), _CHUNK):
         finite = torch.isfinite(flat[start : start + _CHUNK])
-        if not bool(finite.all()):
-            bad += int((~finite).sum())
-    return bad
+        if not on_host:
+            bad += finite.logical_not_().sum()
+        elif not bool(finite.all()):
+            bad += int(finite.logical_not_().sum())
+    return int(bad)
 
 
 def check_tensor(name: str, tensor: torch.Tensor, label: str = "") -> None:

@@ -90,9 +90,11 @@ RELIED_ON: Tuple[Relied, ...] = (
           "(self, name, tensor, clone) and checks that signature itself before wrapping"),
     R("mergekit.io.ShardedTensorIndex", "class", attrs=("from_disk",),
       why="hub_layout reads the tensor names of a pickled Instruct checkpoint"),
-    R("mergekit.io.tasks.LoaderCache", "class", attrs=("trust_remote_code", "loaders", "get"),
+    R("mergekit.io.tasks.LoaderCache", "class", attrs=("trust_remote_code", "loaders", "get", "setup"),
       why="layout reads a model's config as mergekit's loaders do; block-FP8 models get a "
-          "dequantizing loader in the class-level `loaders` dict for one merge (quantized.py)"),
+          "dequantizing loader in the class-level `loaders` dict for one merge (quantized.py); "
+          "setup's options become the class defaults for one merge, so --multi-gpu's worker "
+          "threads see them (worker_threads.py)"),
     R("mergekit.io.lazy_tensor_loader.LazyTensorLoader", "called", ("index", "lazy_unpickle"),
       attrs=("get_tensor", "flush"), why="quantized.DequantizingLoader subclasses mergekit's loader"),
     R("mergekit.io.lazy_tensor_loader.ShardedTensorIndex", "called",

@@ -180,6 +180,22 @@ class Split:
         stack = grid.movedim(part_axis, 0)  # [p, E, m, n]
         return stack.reshape(p * tensor.shape[0], *stack.shape[2:])
 
+    def stacks(self, tensor: torch.Tensor) -> List[torch.Tensor]:
+        """The matrices of matrices() as views of `tensor`, one [E, m, n] stack per part
+        (matrices() copies a fused tensor: its parts and experts do not merge into one
+        axis); writing into the views of an output writes it in the checkpoint layout."""
+        lay = self.experts
+        if lay is None:
+            return [tensor.reshape(1, tensor.shape[0], -1)]  # a view of a contiguous tensor (outputs are)
+        if len(lay.parts) == 1:
+            return [tensor]
+        p, axis = len(lay.parts), lay.fused_axis
+        width = tensor.shape[axis] // p
+        split = (width, p) if lay.interleaved else (p, width)
+        grid = tensor.unflatten(axis, split)
+        part_axis = axis + 1 if lay.interleaved else axis
+        return list(grid.unbind(part_axis))
+
     def restore(self, stack: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Inverse of matrices(): the stack back in the checkpoint layout of `like`."""
         lay = self.experts

@@ -27,7 +27,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_timber import DISTRIBUTION, PAPER_URL, input_pages, layout, quantized
+from mergekit_timber import DISTRIBUTION, PAPER_URL, finite, input_pages, layout, quantized, signals
 from mergekit_timber.errors import NonFiniteInput, TimberConfigError, TimberInputError
 from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
@@ -178,15 +178,26 @@ def refine_tensor(
     return outs if many else outs[0]
 
 
+def _chunk_read(view: torch.Tensor) -> None:
+    """The kernel's read hook: give the pages back; stop here if a signal ends the merge."""
+    input_pages.release(view)
+    signals.raise_if_stopping()  # --multi-gpu workers get no signal themselves
+
+
 def _refine(split, base, instruct, lams, rule, out_dtype=None) -> Tuple[torch.Tensor, ...]:
-    stacks = split.matrices(base), split.matrices(instruct)
-    outs = refine_stack(*stacks, lams, rule, out_dtype, read_hook=input_pages.release).tensors
-    return tuple(split.restore(out, instruct) for out in outs)
+    # Views throughout (Split.stacks): no copy of the inputs or outputs beside the kernel's
+    # budgeted scratch, whatever the number of experts.
+    dtype = out_dtype or instruct.dtype
+    outs = tuple(torch.empty_like(instruct, dtype=dtype, memory_format=torch.contiguous_format) for _ in lams)
+    parts = zip(split.stacks(base), split.stacks(instruct), *(split.stacks(out) for out in outs))
+    for b, i, *o in parts:
+        refine_stack(b, i, lams, rule, read_hook=_chunk_read, outs=o)
+    return outs
 
 
 def check_finite(name: str, which: str, tensor: torch.Tensor) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    bad = finite.count_nonfinite(tensor)  # in chunks: no full-size mask on the device
+    if bad:
         raise NonFiniteInput(
             f"{name}: the {which} model's tensor holds {bad} NaN/Inf value(s); refusing to merge it",
             tensor=name, which=which, count=bad, dtype=str(tensor.dtype).removeprefix("torch."),
@@ -257,6 +268,7 @@ class TimberMerge(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         # mergekit has checked the shapes (TensorGroup.validate_tensors) on both its
         # entry points before this is called.
+        signals.raise_if_stopping()  # a worker thread of --multi-gpu: see signals
         name = group.metadata.name or "<unnamed tensor>"
         base, (instruct,) = group.base.tensor, [e.tensor for e in group.non_base]
         lam = 0.0 if self.tail_removed else float(_single(parameters["lambda"]))

@@ -239,7 +239,7 @@ def dequantize_block_fp8(code: "torch.Tensor", scale: "torch.Tensor", block: Tup
     if tuple(scale.shape) != scale_grid(code.shape, block):
         raise ValueError(f"scale grid {list(scale.shape)} does not fit weight {list(code.shape)} in blocks {block}")
     rows, cols = code.shape[-2:]
-    out = torch.empty(code.shape, dtype=dtype)
+    out = torch.empty(code.shape, dtype=dtype, device=code.device)
     codes, scales, outs = code.reshape(-1, rows, cols), scale.reshape(-1, *scale.shape[-2:]), out.view(-1, rows, cols)
     for b in range(codes.shape[0]):
         for k, r0 in enumerate(range(0, rows, block[0])):
@@ -263,12 +263,12 @@ def dequantize_mxfp4(blocks: "torch.Tensor", scales: "torch.Tensor", dtype) -> "
     if blocks.ndim != 4 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
         raise ValueError(f"MXFP4 blocks {list(blocks.shape)} and scales {list(scales.shape)} do not pair")
     experts, rows, groups, width = blocks.shape
-    lut = torch.tensor(FP4_VALUES, dtype=dtype)
-    out = torch.empty(experts, groups * width * 2, rows, dtype=dtype)
+    lut = torch.tensor(FP4_VALUES, dtype=dtype).to(blocks.device)
+    out = torch.empty(experts, groups * width * 2, rows, dtype=dtype, device=blocks.device)
     for e in range(experts):
         packed = blocks[e].to(torch.uint8).reshape(rows * groups, width)
         exponent = (scales[e].to(torch.int32) - 127).reshape(rows * groups, 1)
-        values = torch.empty(rows * groups, width * 2, dtype=dtype)
+        values = torch.empty(rows * groups, width * 2, dtype=dtype, device=blocks.device)
         values[:, 0::2] = lut[(packed & 0x0F).to(torch.int)]
         values[:, 1::2] = lut[(packed >> 4).to(torch.int)]
         torch.ldexp(values, exponent, out=values)

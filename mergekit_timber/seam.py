@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from mergekit_timber import dropin, finite, guard, hub_layout, preflight, quantized, signals
+from mergekit_timber import dropin, finite, guard, hub_layout, preflight, quantized, signals, worker_threads
 from mergekit_timber.card import has_tokenizer, mergekit_makes_tokenizer, model_card
 from mergekit_timber.errors import NonFiniteInput, TimberOutputError
 from mergekit_timber.output_dir import OutputDir, describe, writing_into
@@ -102,7 +102,9 @@ def write_merge(
     instruct, source = instruct_model(config).model.path, instruct_dir(config, options)
     # block-FP8 inputs are read dequantized; tensors are written under the Instruct
     # checkpoint's own names and layout (hub_layout).
-    with writing_into(stage), quantized.dequantized_reading(config, options) as exact, \
+    # --multi-gpu workers see the options too (worker_threads).
+    with writing_into(stage), worker_threads.options_in_every_thread(options), \
+            quantized.dequantized_reading(config, options) as exact, \
             hub_layout.written_like_instruct(source, [stage], trust_remote_code=options.trust_remote_code):
         if exact:  # block-FP8: read every input exactly, round once on output
             inner_config = quantized.exact_config(inner_config)

@@ -9,6 +9,11 @@ still ends as killed by it (exit status 128 + signal in a shell). Only signals w
 handler is the default are taken over: an ignored SIGHUP (`nohup`) stays ignored, and
 a program's own handler stays its own. `deferred` holds them back (and Ctrl-C) during
 the few renames that publish a model.
+
+Worker threads (`--multi-gpu`) get no signal: the main thread's cleanup first waits for
+them (mergekit's thread pool joins its workers), so the handler also raises a flag the
+method checks before each tensor and after each chunk (`raise_if_stopping`): the workers
+stop at once and the merge ends as a single-device merge does.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class _Guard:
             return  # one cleanup is under way; a second signal does not cut it short
         self.fired = signum
         if not self.deferring:
+            _stopping.set()
+        if not self.deferring:
             raise Terminated(signum)
 
     def restore(self):
@@ -49,6 +56,14 @@ class _Guard:
 
 
 _active: Optional[_Guard] = None
+_stopping = threading.Event()
+
+
+def raise_if_stopping() -> None:
+    """In any thread: raise Terminated if a termination signal is ending the merge."""
+    guard = _active
+    if _stopping.is_set() and guard is not None and guard.fired is not None:
+        raise Terminated(guard.fired)
 
 
 @contextlib.contextmanager
@@ -67,11 +82,13 @@ def terminate_as_exception():
         yield
     except Terminated as stop:
         _active = None
+        _stopping.clear()
         guard.restore()
         signal.raise_signal(stop.signum)  # default action: the process ends here
         raise
     finally:
         _active = None
+        _stopping.clear()
         guard.restore()
 
 

@@ -58,6 +58,9 @@ class SweepSession:
             for index, (writer, tensor) in enumerate(zip(self.writers, tensors)):
                 if self.out_dtype is not None:
                     tensor = tensor.to(self.out_dtype)
+                # mergekit's writer holds it until its shard is flushed: on the host, so a
+                # device keeps at most the current tensor of each extra output.
+                tensor = tensor.to("cpu")
                 # Finite as written (the first output is checked by the seam).
                 finite.check_tensor(name, tensor, f" for lambda={self.lambdas[index]:g}")
                 writer.save_tensor(name=name, tensor=tensor, clone=False)  # fresh outputs

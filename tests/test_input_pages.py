@@ -74,18 +74,19 @@ def test_kernel_reports_every_row_it_reads_and_the_result_is_unchanged(monkeypat
     plain = refine_stack(base, instruct, 0.3, read_hook=one_chunk.append)
     # One chunk: the Gram pass's delta is reused, both inputs are reported once, whole.
     assert [v.shape for v in one_chunk] == [base.shape, instruct.shape]
-    monkeypatch.setattr(kernel, "CHUNK_BYTES", 2 * 50 * 40 * 8)  # 50-row chunks
+    # 50-row chunks; on the host a batch's chunk stays within CHUNK_BYTES: one matrix a batch.
+    monkeypatch.setattr(kernel, "CHUNK_BYTES", 50 * 40 * 8)
     seen = []
     hooked = refine_stack(base, instruct, 0.3, read_hook=seen.append)
     assert torch.equal(plain.tensor, hooked.tensor)
     for source in (base, instruct):
-        rows = torch.zeros(300, dtype=torch.int64)
+        rows = torch.zeros(2 * 300, dtype=torch.int64)  # the rows of both matrices
         for view in seen:
             if view.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
-                assert view.shape == (2, 50, 40)
+                assert view.shape == (1, 50, 40)
                 start = (view.data_ptr() - source.data_ptr()) // (8 * 40)
                 rows[start : start + 50] += 1
-        assert rows.tolist() == [2] * 300  # read in the Gram pass and in the rebuild
+        assert rows.tolist() == [2] * 600  # read in the Gram pass and in the rebuild
 
 
 def test_merge_output_is_identical_with_pages_kept(tmp_path):

@@ -138,19 +138,6 @@ def test_head_rule_validation():
         HeadRule("nope")
 
 
-def test_eigh_device_policy(monkeypatch):
-    from mergekit_timber import kernel
-
-    cpu = torch.device("cpu")
-    assert kernel.eigh_device(cpu) == cpu
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
-    assert kernel.eigh_device(torch.device("cuda", 0)) == cpu  # consumer Ada: host LAPACK
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert kernel.eigh_device(torch.device("cuda", 0)) == torch.device("cuda", 0)  # H100
-    monkeypatch.setenv("MERGEKIT_TIMBER_EIGH_DEVICE", "cpu")
-    assert kernel.eigh_device(torch.device("cuda", 0)) == cpu
-
-
 def test_meta_device_allocations_follow_the_input():
     # Every buffer is allocated on the input's device: shape-check on "meta" tensors
     # (no data) up to the eigen-decomposition, which meta cannot run.
