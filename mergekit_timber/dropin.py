@@ -186,12 +186,13 @@ def _mergekit_reads(merge_config, options):
     if weights is None:  # no architecture to ask: every stored tensor must be there
         return (lambda name: True), (lambda name, stored: False)
     listed = {n for w in weights for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
-    # Per-expert tensors mergekit reads stacked, through transformers' conversion.
-    stacked = tuple(w.name.split(".experts")[0] + ".experts" for w in weights if ".experts" in w.name)
+    # Per-expert tensors of a layer whose experts mergekit reads stacked, through
+    # transformers' conversion (Qwen3-MoE `mlp.experts.{e}...`, Mixtral `block_sparse_moe...`).
+    layers = tuple(w.name.split(".experts")[0].rsplit(".", 1)[0] + "." for w in weights if ".experts" in w.name)
     tied = {w.name: tuple(w.tied_names or ()) for w in weights}
 
     def reads(name: str) -> bool:
-        return name in listed or name.startswith(stacked)
+        return name in listed or (".experts." in name and name.startswith(layers))
 
     def tied_copy(name: str, stored) -> bool:
         return any(t in stored for t in tied.get(name, ()))
@@ -207,11 +208,11 @@ def _check_tensors(written: Mapping[str, Tuple[int, ...]], instruct_dir: Path, m
     reads, tied_copy = _mergekit_reads(merge_config, options)
     # A tensor mergekit never reads (not in its architecture) is not written; a tied head
     # (Gemma's lm_head) is written as a copy of the embeddings the checkpoint stores.
-    stored = {n: s for n, s in stored.items() if reads(n)}
     written = {n: s for n, s in written.items() if n in stored or not tied_copy(n, stored)}
     sliced = bool(merge_config.slices or merge_config.modules)
     key = _layer_template if sliced else (lambda name: name)  # slices renumber layers
     want = {key(n): s for n, s in stored.items()}
+    read = {key(n) for n in stored if reads(n)}
     got = {key(n): tuple(s) for n, s in written.items()}
     vocab = _vocab_size(read_json(instruct_dir / "config.json", "config"))
     resized = mergekit_makes_tokenizer(merge_config)  # a tokenizer step resizes vocabulary rows
@@ -223,9 +224,9 @@ def _check_tensors(written: Mapping[str, Tuple[int, ...]], instruct_dir: Path, m
 
     for name in sorted(set(got) - set(want)):  # first: a layout not converted back shows here
         refuse(name, "in the merged model but not stored by")
-    for name in sorted(set(want) - set(got)):
+    for name in sorted(read - set(got)):
         refuse(name, "missing from the merged model, though stored by")
-    for name in sorted(want):
+    for name in sorted(set(want) & set(got)):
         shape, stored_shape = got[name], want[name]
         if stored_shape is None or tuple(stored_shape) == shape:
             continue
