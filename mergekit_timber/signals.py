@@ -45,8 +45,7 @@ class _Guard:
             return  # one cleanup is under way; a second signal does not cut it short
         self.fired = signum
         if not self.deferring:
-            _stopping.set()
-        if not self.deferring:
+            _stopping.set()  # for worker threads (raise_if_stopping)
             raise Terminated(signum)
 
     def restore(self):
