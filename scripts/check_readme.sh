@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Rerun the command of every README figure block and compare its output with the README
-# (see scripts/check_readme.py: --list, --only TEXT, --update). Slow: each block reruns
-# its command (the durations block includes a fresh set-up, about 5 minutes). Not CI.
+# Rerun the command of every figure block of README.md and docs/*.md and compare its output
+# with the block (see scripts/check_readme.py: --list, --only N|COMMAND|FILE, --update).
+# Slow: each block reruns its command (the durations block includes a fresh set-up,
+# about 5 minutes). Not CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${VENV:-.venv}/bin/python"
