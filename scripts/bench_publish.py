@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Publishing a Timber merge costs no copy of the weights: bytes written vs output size.
 
-    python scripts/bench_publish.py [--workdir DIR] [--layers 28] [-o FILE.md]
+    python scripts/bench_publish.py [--workdir DIR | --keep] [--layers 28] [-o FILE.md]
 
-Builds (or reuses) the benchmark's synthetic Qwen3-0.6B-shaped pair (scripts/benchmark.py:
-WORKDIR/pairs), runs `mergekit-yaml` with `timber` into a fresh folder, then again into
+Builds the benchmark's synthetic Qwen3-0.6B-shaped pair (scripts/benchmark.py:
+WORKDIR/pairs; about 3.4 GB with the outputs, in a temporary folder removed at the end
+unless --keep; a --workdir is kept, and its pair reused on the next run), runs `mergekit-yaml` with `timber` into a fresh folder, then again into
 the same folder (a re-run replaces the model), and reports for each run the files
 published, the size of the output and the bytes the merge process wrote (`wchar` of
 /proc/self/io at its exit): the table (also written to -o) holds these, which do not
@@ -57,23 +58,31 @@ def run(config: Path, out: Path, io_file: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergekit-timber-bench"))
+    parser.add_argument("--workdir", type=Path, help="work in (and keep) this folder; default: a temporary one")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("-o", "--output", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args()
 
+    from benchmark import scratch_workdir
+
+    with scratch_workdir(args.workdir, args.keep, "bench-publish-") as workdir:
+        return measure_publication(args, workdir)
+
+
+def measure_publication(args, workdir: Path) -> int:
     from benchmark import ensure_pair, write_yaml
 
-    base, instruct = ensure_pair(args.workdir, args.layers)
-    config = write_yaml(args.workdir / f"publish-L{args.layers}.yml", base, instruct)
-    out = args.workdir / "publish-out"
+    base, instruct = ensure_pair(workdir, args.layers)
+    config = write_yaml(workdir / f"publish-L{args.layers}.yml", base, instruct)
+    out = workdir / "publish-out"
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
     rows, timings = [], []
     for label in ("into a new folder", "re-run into the same folder"):
-        result = run(config, out, args.workdir / "publish-io.txt")
+        result = run(config, out, workdir / "publish-io.txt")
         rows.append(
             f"| {label} | {result['files']} | {result['size'] / 1e9:.2f} GB | {result['written'] / 1e9:.2f} GB | "
             f"{result['written'] / result['size']:.2f} |"

@@ -2,7 +2,7 @@
 """Peak memory of block-FP8 inputs: a Timber merge of an FP8 pair against the same merge of
 its dequantized bf16 pair, and `mergekit-timber dequantize` of one model.
 
-    python scripts/bench_quantized.py [--layers 4] [--workdir DIR] [--out docs/bench_quantized.md]
+    python scripts/bench_quantized.py [--layers 4] [--workdir DIR | --keep] [--out docs/bench_quantized.md]
 
 The pair is Qwen3-0.6B-shaped (hidden 1024, intermediate 3072, 16/8 heads of 128; vocab
 8192 to keep it small), written in block-FP8 as DeepSeek-V3 is (128x128 blocks,
@@ -10,6 +10,8 @@ mergekit_timber.testing.quantized_pairs). Each job runs in its own process under
 /usr/bin/time -v (scripts/benchmark.py: measure). Writes a markdown table to --out and
 counts the elements where the two merges differ: the FP8 merge reads the exact float32
 values and rounds once, the other merge starts from weights already rounded to bf16.
+The pairs and outputs (about 0.7 GB) go to a temporary folder removed at the end unless
+--keep; a --workdir is kept (its pairs/, out/ and logs/ are rebuilt on each run).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmark import measure  # scripts/ is on sys.path when this file runs
+from benchmark import measure, scratch_workdir  # scripts/ is on sys.path when this file runs
 from mergekit_timber.checkpoint import Checkpoint
 from mergekit_timber.testing.quantized_pairs import write_block_fp8
 from mergekit_timber.testing.synthetic import QWEN3_0_6B_SHAPE, write_pair, write_timber_yaml
@@ -45,11 +47,17 @@ def differing(a: Path, b: Path) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergekit-timber-bench-quantized"))
+    parser.add_argument("--workdir", type=Path, help="work in (and keep) this folder; default: a temporary one")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     parser.add_argument("--out", type=Path, default=Path("docs/bench_quantized.md"))
     args = parser.parse_args()
-    work = args.workdir
-    shutil.rmtree(work, ignore_errors=True)
+    with scratch_workdir(args.workdir, args.keep, "bench-quantized-") as work:
+        return measure_quantized(args, work)
+
+
+def measure_quantized(args, work: Path) -> int:
+    for previous_run in ("pairs", "out", "logs"):  # this script's own folders, nothing else of WORKDIR
+        shutil.rmtree(work / previous_run, ignore_errors=True)
     pairs = work / "pairs"
     # Qwen3-0.6B's layer shapes, fewer layers and a smaller vocabulary.
     base, instruct = write_pair(pairs / "bf16", **dict(QWEN3_0_6B_SHAPE, layers=args.layers, vocab=8192), seed=0)

@@ -39,18 +39,21 @@ CPU pressure before and after are printed with the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -130,6 +133,33 @@ def load_string() -> str:
 
 
 # =========================================================================== pairs
+
+
+def _exit_on_signal(signum, _frame):
+    raise SystemExit(128 + signum)  # unwinds through the `finally` that removes the folder
+
+
+@contextlib.contextmanager
+def scratch_workdir(workdir: Optional[Path], keep: bool, prefix: str) -> Iterator[Path]:
+    """The folder a benchmark writes its pairs and outputs into (gigabytes). A folder the
+    user names (--workdir) is theirs: used, and kept. Otherwise a new temporary folder,
+    removed at the end, on an error, Ctrl-C, SIGTERM or SIGHUP, unless `keep` (--keep)."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir
+        return
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield folder
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if keep:
+            print(f"kept the work folder {folder} (--keep): remove it when done", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"removed the work folder {folder} (--keep keeps it)", file=sys.stderr)
 
 
 def ensure_pair(workdir: Path, layers: int, tiny: bool = False) -> Tuple[Path, Path]:
