@@ -13,6 +13,8 @@ each matrix; the merge then runs through the unmodified `mergekit-yaml` CLI with
 import argparse
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +31,22 @@ def tensors(model_dir: Path) -> dict:
         return {name: checkpoint.tensor(name) for name in checkpoint.names()}
 
 
+def run_with_heartbeat(cmd: list, what: str, every: float = 10.0) -> None:
+    """Run cmd; while it runs, print a line every `every` seconds, so a step that takes a
+    minute on a busy machine (imports, float64 decompositions, plots) is not silent."""
+    started = time.perf_counter()
+    with subprocess.Popen(cmd) as proc:
+        while True:
+            try:
+                proc.wait(timeout=every)
+                break
+            except subprocess.TimeoutExpired:
+                print(f"    ... {what}: {time.perf_counter() - started:.0f} s so far", flush=True)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    print(f"    {what}: done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="demo", type=Path)
@@ -36,23 +54,24 @@ def main() -> int:
     args = parser.parse_args()
 
     work = args.workdir.resolve()
-    print(f"1/4 building a small Qwen3-style Base/Instruct pair in {work}/pair ...")
+    print(f"1/4 building a small Qwen3-style Base/Instruct pair in {work}/pair ...", flush=True)
     base_dir, instruct_dir = write_pair(
         work / "pair", arch="qwen3", layers=4, hidden=256, intermediate=768,
         heads=8, kv_heads=4, head_dim=32, vocab=4096, seed=0,
     )  # fmt: skip
     analysis = work / "analysis"
-    print(f"2/4 mergekit-timber analyze {base_dir} {instruct_dir} -o {analysis}")
-    subprocess.run(
+    print(f"2/4 mergekit-timber analyze {base_dir} {instruct_dir} -o {analysis}", flush=True)
+    matrices = sum(1 for t in tensors(base_dir).values() if t.ndim >= 2)
+    run_with_heartbeat(
         [str(BIN / "mergekit-timber"), "analyze", str(base_dir), str(instruct_dir), "-o", str(analysis),
          "--lambda", str(args.lam)],
-        check=True,
+        f"analyze: eRank of Base, Instruct and delta for {matrices} matrices in float64, then the plots",
     )  # fmt: skip
     config = write_timber_yaml(work / "timber.yml", base_dir, instruct_dir, lambda_=args.lam)
     out = work / "out"
     # A rerun replaces the previous demo output, as mergekit does.
-    print(f"3/4 mergekit-yaml {config} {out}")
-    print("    " + config.read_text().replace("\n", "\n    ").rstrip())
+    print(f"3/4 mergekit-yaml {config} {out}", flush=True)
+    print("    " + config.read_text().replace("\n", "\n    ").rstrip(), flush=True)
     subprocess.run([str(BIN / "mergekit-yaml"), str(config), str(out)], check=True)
 
     print("4/4 checking the output")
@@ -77,6 +96,9 @@ def main() -> int:
     print(f"    the output chats like the Instruct (its tokenizer and template; the Base has none): {prompt!r}")
     print(f"    model card: {out / 'README.md'}; analysis: {analysis}/erank.csv and plots")
     print(f"done: the Timber model is in {out}")
+    venv = Path(sys.prefix)
+    if venv != Path(sys.base_prefix):  # run from a venv: the commands of the README need it
+        print(f"next, in your shell: source {venv}/bin/activate   (then the README's 'Build a local pair to try it')")
     return 0
 
 

@@ -61,3 +61,5 @@ else
         "$VENV/bin/python" -m pip install -e ".[test]"
 fi
 say "done: $VENV is ready (pip's output: $LOG)"
+# A new shell does not know the venv: say the exact command that makes its tools the ones run.
+say "next, in each new shell: source $(cd "$VENV" && pwd)/bin/activate"
