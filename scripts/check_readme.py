@@ -24,7 +24,8 @@ a test.
     python scripts/check_readme.py durations -o docs/durations.md   # time the README's commands
 
 `--update` rewrites nothing but the body of each block it reran, re-reading the page just
-before it writes, so edits made to the page while the commands ran are kept.
+before it writes, so edits made to the page while the commands ran are kept; a figure
+file that git tracks (docs/durations.md, ...) is rewritten with the same text.
 
 `durations` times each command of the README's walkthrough on this machine (a fresh
 set-up in a temporary venv, the demo, the local pair, a merge, analyze, recipe, a
@@ -125,6 +126,13 @@ def select(found: List[Block], only: Optional[str]) -> List[Block]:
     if only.isdigit():
         return [b for b in found if b.index == int(only)]
     return [b for b in found if only.strip() in (b.command, b.path)]
+
+
+def _tracked(path: str) -> bool:
+    """Whether git tracks this file of the repository (a figure file committed with its page)."""
+    if not (ROOT / ".git").exists():
+        return False
+    return subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=ROOT, capture_output=True).returncode == 0
 
 
 def replace_body(block: Block, fresh: str) -> None:
@@ -333,6 +341,9 @@ def main(argv=None) -> int:
             if args.update:
                 replace_body(block, fresh[block.path])
                 print(f"[check_readme] rewrote {block.where}: {command} -> {block.path}", flush=True)
+                if _tracked(block.path):  # the figure's file, committed beside its page: the same text
+                    (ROOT / block.path).write_text(fresh[block.path])
+                    print(f"[check_readme] rewrote {block.path}", flush=True)
                 continue
             problems = compare(block.body, fresh[block.path], block.tolerance)
             status = "ok" if not problems else "DIFFERS"
