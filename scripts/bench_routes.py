@@ -2,7 +2,7 @@
 
 Each route computes Timber on one [m, n] matrix and returns (W_out in float64, K).
 `kernel` is what the merge runs (mergekit_timber.kernel); the others are the
-alternatives measured and rejected (see the README's speed section). A SciPy
+alternatives measured and rejected (see docs/speed_and_memory.md). A SciPy
 tridiagonal route (dsytrd + dstevd + partial back-transform) was measured too: equal
 end to end (70.8 s vs 72.1 s for 28 layers, bit-identical output), so it was removed.
 """

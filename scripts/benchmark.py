@@ -29,7 +29,7 @@ WORKDIR/pairs by mergekit_timber.testing.synthetic):
 5. Optionally a profile of a --small-layers merge (where the time goes;
    scripts/bench_profile.py).
 
---readme-out PATH also writes what README.md's "Speed and memory" section shows (the jobs
+--readme-out PATH also writes what docs/speed_and_memory.md's benchmark block shows (the jobs
 table, the targets table and a paragraph of the floor's figures) from this run.
 
 Timings are wall-clock on whatever else the machine is running: the load average and
@@ -865,7 +865,7 @@ JOB_LABELS = {
 
 
 def readme_markdown(args, measured: dict) -> str:
-    """What README.md's "Speed and memory" section shows, from this run's measurements:
+    """What docs/speed_and_memory.md's benchmark block shows, from this run's measurements:
     the jobs table, the targets table and a paragraph of the floor's figures."""
     N, S = args.layers, args.small_layers
     res: Dict[str, dict] = measured.get("res") or {}

@@ -11,8 +11,8 @@ sanitized model directory names, which embed it, are the same on every run):
   some of its eight samples right and the counts c spread over 0..8;
 - a local data set of ten problems (WORK/data/problems.jsonl) and one lm-eval task per
   setup that `mergekit-timber passk` must read or refuse (WORK/tasks/*.yaml, utils.py),
-  plus the minimal task of README's "Pass@k from lm-evaluation-harness", copied verbatim
-  from README (its completions never match its regex here: it shows n, not c);
+  plus the minimal task of docs/passk.md's "Pass@k from lm-evaluation-harness", copied
+  verbatim from that page (its completions never match its regex here: it shows n, not c);
 then runs `lm_eval run --log_samples` once per model over all tasks and copies every
 samples_<task>_<date>.jsonl (and the results_<date>.json) to
 tests/data/lm_eval-<version>/<model_name_sanitized>/.
@@ -204,7 +204,7 @@ def build_model(path: Path, seed: int) -> None:
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,  # README task: 256 new
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,  # docs/passk.md task: 256 new
         # Large random weights: each prompt gets its own peaked answer distribution,
         # so the number of right samples per problem spreads from 0 to 8.
         initializer_range=1.0, tie_word_embeddings=False,
@@ -218,9 +218,9 @@ def build_model(path: Path, seed: int) -> None:
 
 
 def readme_task() -> tuple[str, str]:
-    """(task name, YAML) of the minimal task in README's lm-eval section, as written there."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("### Pass@k from lm-evaluation-harness") :]
+    """(task name, YAML) of the minimal task in docs/passk.md's lm-eval section, as written there."""
+    text = (REPO / "docs" / "passk.md").read_text(encoding="utf-8")
+    section = text[text.index("## Pass@k from lm-evaluation-harness") :]
     body = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     name = body.splitlines()[0].removeprefix("task:").strip()
     return name, body
