@@ -3,14 +3,16 @@
 `linear` merge of the same pair: the memory the kernel adds stays within the budget
 whatever the number of experts.
 
-    python scripts/bench_memory.py [--experts 32,128] [--budget 64M] [--workdir DIR] [-o docs/bench_memory.md]
+    python scripts/bench_memory.py [--experts 32,128] [--budget 64M] [--workdir DIR | --keep] [-o docs/bench_memory.md]
 
 Pairs: Qwen3-MoE-shaped (qwen3_moe), 2 layers, hidden 512, expert width 256, vocab
 1024, E experts (mergekit_timber.testing.synthetic). Per pair, each in its own process
 under /usr/bin/time -v (scripts/benchmark.py: measure): `linear` (weights 0.8/0.2),
 Timber with MERGEKIT_TIMBER_MEMORY_BUDGET=BUDGET, and Timber with the default budget.
 Beside each: the kernel's predicted scratch peak for the largest stack
-(mergekit_timber.kernel.plan_batches, as refine_stack calls it on the host).
+(mergekit_timber.kernel.plan_batches, as refine_stack calls it on the host). Pairs and
+outputs go to a temporary folder removed at the end unless --keep; a --workdir is kept
+(its pairs, outputs and logs are rebuilt on each run).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmark import measure  # scripts/ is on sys.path when this file runs
+from benchmark import measure, scratch_workdir  # scripts/ is on sys.path when this file runs
 import torch
 
 from mergekit_timber.kernel import CHUNK_BYTES, memory_budget, parse_bytes, plan_batches
@@ -51,11 +53,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", default="32,128")
     parser.add_argument("--budget", default="64M")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mergekit-timber-bench-memory"))
+    parser.add_argument("--workdir", type=Path, help="work in (and keep) this folder; default: a temporary one")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     parser.add_argument("-o", "--out", type=Path, default=Path("docs/bench_memory.md"))
     args = parser.parse_args(argv)
-    work = args.workdir
-    shutil.rmtree(work, ignore_errors=True)
+    with scratch_workdir(args.workdir, args.keep, "bench-memory-") as work:
+        return measure_memory(args, work)
+
+
+def measure_memory(args, work: Path) -> int:
+    for previous_run in [*work.glob("pair-*"), work / "out", work / "logs"]:  # this script's own folders only
+        shutil.rmtree(previous_run, ignore_errors=True)
     lines = [
         f"Qwen3-MoE-shaped pairs, {SHAPE['layers']} layers, hidden {SHAPE['hidden']}, expert width "
         f"{SHAPE['moe_intermediate']}, vocab {SHAPE['vocab']}; peak RSS of each merge in its own process "
