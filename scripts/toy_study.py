@@ -365,9 +365,11 @@ def describe(name: str, setting: Setting, pair_info: dict, threads: int) -> str:
         post = "SFT on one teacher answer style"
     lengths = pair_info["settings"].get("lengths", (3, 4, 5))  # a pair.json from before the narrow setting
     seeds = ", ".join(map(str, setting.seeds))
+    if len(setting.seeds) > 2 and setting.seeds == tuple(range(setting.seeds[0], setting.seeds[-1] + 1)):
+        seeds = f"{setting.seeds[0]}-{setting.seeds[-1]}"
     return (f"Toy setting `{name}`: {pair_info['parameters']} parameters (preset {pair_info['preset']}), sums of "
             f"{lengths[0]} to {lengths[-1]} digits, Instruct = Base + {post}; seed{'s' * (len(setting.seeds) > 1)} "
-            f"{seeds}, {pair_info['settings']['held_out']} held-out problems per seed, {setting.n} samples per "
+            f"{seeds}; {pair_info['settings']['held_out']} held-out problems per seed, {setting.n} samples per "
             f"problem at temperature {TEMPERATURE:g}, top_p {setting.top_p:g}, top_k {setting.top_k}, min_p "
             f"{setting.min_p:g} (every model alike). Pass@k in %, [95% bootstrap band over problems]. "
             f"Measured with {versions()}; {pinned_math.describe(threads)}.")
