@@ -144,6 +144,7 @@ def read_tallies(
             kind = "lm-eval" if "doc_id" in rows[0][1] else "records"
         files.append((path, kind, rows))
 
+    _check_same_sampling(files, warn)
     harness_paths = [path for path, kind, _ in files if kind == "lm-eval"]
     labels = harness_labels(harness_paths) if label is None else dict.fromkeys(harness_paths, label)
     tallies: list[Tally] = []
@@ -153,6 +154,65 @@ def read_tallies(
         else:
             tallies.extend(_harness_tallies(path, rows, labels[path], metric, filter_name, warn))
     return tallies
+
+
+# What decides how completions were drawn, besides the model and the seed. lm-eval names
+# the token budget max_gen_toks; scripts/sample.py records all of them in "sampling".
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "max_new_tokens")
+_UNSET = "unset"  # sampled, but the knob left to the model's generation_config.json
+
+
+def sampling_of(kind: str, rows: list[tuple[int, dict]]) -> dict | None:
+    """The sampling settings a file records (None: it records none). lm-eval lines carry
+    the generation arguments the harness passed; a knob it did not pass (lm-eval sends only
+    do_sample and temperature unless the task's generation_kwargs say more) came from each
+    model's own generation config: "unset"."""
+    if kind == "records":
+        found = [obj.get("sampling") for _, obj in rows]
+        if not any(isinstance(s, dict) for s in found):
+            return None
+        first = found[0] if isinstance(found[0], dict) else {}
+        return first if all(s == first for s in found) else {"mixed": "several settings in one file"}
+    try:
+        args = rows[0][1]["arguments"]["gen_args_0"]["arg_1"]
+    except (KeyError, TypeError, IndexError):
+        return None  # a likelihood task: nothing sampled
+    if not isinstance(args, dict):
+        return None
+    args = {("max_new_tokens" if k == "max_gen_toks" else k): v for k, v in args.items()}
+    settings = {k: args[k] for k in SAMPLING_KEYS if k in args}
+    if args.get("do_sample") or (args.get("temperature") or 0) > 0:
+        settings.update({k: _UNSET for k in ("top_p", "top_k", "min_p") if k not in args})
+    return settings
+
+
+def _check_same_sampling(files: list[tuple[Path, str, list]], warn: Callable[[str], None]) -> None:
+    """One line when the files compared were sampled with different settings (or left a
+    knob to each model's generation config): their Pass@k curves are then not comparable."""
+    recorded = {path: sampling_of(kind, rows) for path, kind, rows in files}
+    if len(files) < 2 or all(s is None for s in recorded.values()):
+        return  # nothing recorded anywhere (records written by hand, older files): nothing to compare
+    differ = []
+    unrecorded = [path.name for path, s in recorded.items() if s is None]
+    if unrecorded:
+        differ.append("no settings recorded in " + ", ".join(unrecorded))
+    recorded = {path: s for path, s in recorded.items() if s is not None}
+    unpinned, where = [], set()
+    for key in dict.fromkeys(k for s in recorded.values() for k in s):
+        values = {path: s.get(key, "not recorded") for path, s in recorded.items()}
+        if _UNSET in values.values():
+            unpinned.append(key)
+            where.update(path.name for path, v in values.items() if v == _UNSET)
+        elif len(set(map(str, values.values()))) > 1:
+            differ.append(f"{key}: " + ", ".join(f"{v} in {p.name}" for p, v in values.items()))
+    if unpinned:
+        files_named = "every file" if len(where) == len(recorded) else ", ".join(sorted(where))
+        differ.append(f"{', '.join(unpinned)} not passed in {files_named}, so each model's "
+                      "generation_config.json decided them")
+    if differ:
+        warn("the files were not sampled alike (" + "; ".join(differ) + "): Pass@k of models sampled "
+             "differently is not comparable; pin every knob (scripts/sample.py does; for lm-eval, the "
+             "task's generation_kwargs)")
 
 
 def _read_input(path: Path) -> list[tuple[int, dict]]:

@@ -7,8 +7,14 @@
 PROMPTS is JSON Lines, one problem a line: {"id": ..., "prompt": ..., "answer": ...}.
 Each completion is checked against "answer" (--checker exact: whole completion after
 normalisation; boxed: last \\boxed{...} or last number, compared numerically) and written
-as {"model", "problem", "sample", "correct", "completion"}, the input of
+as {"model", "problem", "sample", "correct", "completion", "sampling"}, the input of
 `mergekit-timber passk`.
+
+Sampling is the same for every model: temperature, top_p, top_k and min_p are passed
+explicitly (defaults: 1, 1, off, off), so none comes from a model's generation_config.json
+(a Qwen3 Instruct's top_k 20 and top_p 0.95 would otherwise apply to it and not to its
+Base). "sampling" records them with the token budget; `passk` warns when the files it
+compares were sampled differently.
 
 The default backend is transformers (CPU or GPU, --device): fine for small models and a
 few hundred samples. For bigger runs (n in the hundreds, 7B+ models) use vLLM with
@@ -65,7 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-o", "--output", required=True, type=Path, help="correctness records JSONL to write")
     p.add_argument("--n", type=int, default=16, help="samples per problem (default 16)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 (default) is off")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 (default) is off")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling; 0 (default) is off")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per generate() call (transformers)")
     p.add_argument("--seed", type=int, default=0)
@@ -82,7 +90,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.top_k < 0 or not 0 <= args.min_p < 1:
+        p.error("--top-k must be >= 0 and --min-p in [0, 1)")
     return args
+
+
+def sampling_settings(args: argparse.Namespace) -> dict:
+    """What decides the samples besides the model and the seed; written in every record.
+    Greedy decoding (temperature 0) has no sampling knobs."""
+    if args.temperature == 0:
+        return {"do_sample": False, "max_new_tokens": args.max_new_tokens}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "min_p": args.min_p, "max_new_tokens": args.max_new_tokens}
 
 
 def load_problems(path: Path) -> list[dict]:
@@ -135,10 +154,15 @@ def sample_transformers(args: argparse.Namespace, tokenizer, ids: list[list[int]
         if tokenizer.eos_token_id is None:
             raise SystemExit("error: the tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
+    # Every knob explicit: generate() takes what it is not given from the model's
+    # generation_config.json (and transformers' defaults, top_k 50), model by model.
+    # None disables a knob (top_k 0 and min_p 0 mean off here).
+    settings = sampling_settings(args)
     sampling = (
-        {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-        if args.temperature > 0
-        else {"do_sample": False, "temperature": None, "top_p": None}
+        {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p,
+         "top_k": args.top_k or None, "min_p": args.min_p or None}
+        if settings["do_sample"]
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "min_p": None}
     )
     jobs = [i for i in range(len(ids)) for _ in range(args.n)]
 
@@ -163,7 +187,9 @@ def sample_vllm(args: argparse.Namespace, ids: list[list[int]]) -> list[tuple[in
     except ImportError:
         raise SystemExit("error: --backend vllm needs vLLM (pip install vllm); or use --backend transformers") from None
     llm = LLM(model=str(args.model), seed=args.seed, dtype=args.dtype)
+    # vLLM: top_k -1 and min_p 0 are off; every knob given, none from the generation config.
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k or -1, min_p=args.min_p,
                             max_tokens=args.max_new_tokens, seed=args.seed)
     outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params)
     return [(i, c.text) for i, out in enumerate(outputs) for c in out.outputs]
@@ -186,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = sample_transformers(args, tokenizer, ids)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    settings = sampling_settings(args)
     drawn = [0] * len(problems)
     correct = 0
     with open(args.output, "w", encoding="utf-8") as f:
@@ -193,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, text in progress(samples, len(problems) * args.n, f"sampling {label}"):
             problem = problems[i]
             record = {"model": label, "problem": problem["id"], "sample": drawn[i],
-                      "correct": check(text, problem["answer"]), "completion": text}
+                      "correct": check(text, problem["answer"]), "completion": text, "sampling": settings}
             drawn[i] += 1
             correct += record["correct"]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

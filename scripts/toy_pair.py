@@ -24,10 +24,17 @@ OUT/heldout_chat.jsonl (user messages for chat models), both in scripts/sample.p
 {"id", "prompt", "answer"} format, and OUT/pair.json (the settings and the losses).
 Progress: a bar per stage on a terminal, a line every few seconds in a log.
 
-Same seed, same preset and same torch thread count give the same weights.
+Same seed, same preset and same torch thread count give the same weights, on any x86-64
+CPU: the math code paths are pinned (scripts/pinned_math.py, imported before torch).
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # toy_task, pinned_math beside this script
+import pinned_math  # noqa: E402,I001 - before torch
 
 import argparse
 import dataclasses
@@ -35,11 +42,8 @@ import json
 import math
 import random
 import string
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # toy_task beside this script
 import toy_task  # noqa: E402
 from answer_check import check_boxed  # noqa: E402
 from sample import progress  # noqa: E402
@@ -415,8 +419,7 @@ def build_pair(out: Path, preset_name: str = "default", seed: int = 0, threads: 
     import torch
     from transformers import Qwen3ForCausalLM
 
-    if threads:
-        torch.set_num_threads(threads)
+    pinned_math.pin_torch(threads or 1)
     preset = PRESETS[preset_name]
     seed_everything(seed)
     out.mkdir(parents=True, exist_ok=True)

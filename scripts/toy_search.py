@@ -17,12 +17,16 @@ Writes OUT/timing.md: the search command's wall time. Re-running resumes (nothin
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pinned_math  # noqa: E402,F401,I001 - sets the pinned math for every process started below (Ray's too)
+
 import argparse
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LAMBDAS, KS, REPEATS, MAX_GEN_TOKS = "0,0.2,0.5,0.8", "1,4,16", 16, 64

@@ -4,11 +4,11 @@
     python scripts/toy_study.py [-o toy_study] [--setting default|narrow|narrow-pg] [--smallest|--fast]
 
 Settings (scripts/toy_pair.py has their presets):
-  default  Instruct = Base fine-tuned (SFT) on one teacher answer style; one seed.
+  default  Instruct = Base fine-tuned (SFT) on one teacher answer style; seeds 0-4.
   narrow   Instruct = Base after rounds of rejection-sampling fine-tuning on its own correct
-           samples (no teacher), on longer sums; seeds 0, 1, 2 (docs/toy_narrow_plan.md).
+           samples (no teacher), on longer sums; seeds 0-4 (docs/toy_narrow_plan.md).
   narrow-pg  the same Base and problems; Instruct = one rejection-sampling round, then
-           on-policy policy gradient with a 0/1 reward; seeds 0, 1, 2
+           on-policy policy gradient with a 0/1 reward; seeds 0-4
            (docs/toy_narrow_pg_plan.md).
 --smallest shrinks any setting (a smoke run), --fast the default one (a quick look).
 Each run writes its own folder OUT/SETTING[-SIZE]/ and refuses one that already holds
@@ -27,12 +27,20 @@ With several seeds, OUT/NAME/pooled/ scores the problems of all seeds together.
 OUT/NAME/summary.md (also printed) holds the tables: precondition per seed (Instruct
 Pass@1 above Base's, Base Pass@k above the Instruct's at the largest k, each outside the
 95% bootstrap bands), Pass@k with bands and diversity per model, and `analyze` per pair.
+The CPU math is pinned (scripts/pinned_math.py), so the numbers are the same on any x86-64
+CPU; the summary names the CPU it ran on and the pinned settings.
 Training and sampling show progress bars on a terminal and a line every few seconds in a
 log; each seed's study.log (and OUT/NAME/study.log for the pooled scores) has every
 command run and its standard output.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pinned_math  # noqa: E402,I001 - before torch: every process of the study takes the same math paths
 
 import argparse
 import concurrent.futures
@@ -44,16 +52,14 @@ import io
 import json
 import multiprocessing
 import os
+import statistics
 import subprocess
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import yaml
 
 SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
 from answer_check import extract_boxed  # noqa: E402
 
 
@@ -67,15 +73,23 @@ class Setting:
     table_ks: tuple[int, ...]
     batch_size: int = 64  # sequences per generate() call; part of what fixes the samples
     max_new_tokens: int = 64
+    # Passed to every model explicitly (none inherited from a generation_config.json): the
+    # plans' top-k 50 was transformers' default before; it is now stated.
+    top_k: int = 50
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+
+FULL_SEEDS = (0, 1, 2, 3, 4)  # at least five: conclusions that one CPU or one seed decides are none
 
 
 # Fixed in docs/toy_narrow_plan.md before any Timber merge of this setting was run.
-NARROW = Setting("narrow", (0, 1, 2), (0.2, 0.5, 0.8), n=32, bootstrap=1000, table_ks=(1, 4, 16, 32),
+NARROW = Setting("narrow", FULL_SEEDS, (0.2, 0.5, 0.8), n=32, bootstrap=1000, table_ks=(1, 4, 16, 32),
                  batch_size=256, max_new_tokens=96)
 NARROW_SMALLEST = Setting("narrow-smallest", (0, 1), (0.5,), n=4, bootstrap=50, table_ks=(1, 4),
                           batch_size=256, max_new_tokens=48)
 SETTINGS = {
-    "default": Setting("default", (0,), (0.2, 0.5, 0.8), n=32, bootstrap=1000, table_ks=(1, 4, 16, 32)),
+    "default": Setting("default", FULL_SEEDS, (0.2, 0.5, 0.8), n=32, bootstrap=1000, table_ks=(1, 4, 16, 32)),
     "default-fast": Setting("fast", (0,), (0.2, 0.5, 0.8), n=16, bootstrap=200, table_ks=(1, 4, 16)),
     "default-smallest": Setting("smallest", (0,), (0.5,), n=4, bootstrap=50, table_ks=(1, 4)),
     "narrow": NARROW,
@@ -162,7 +176,8 @@ def sample_all(setting: Setting, seed: int, pair: Path, models: dict[str, Path],
         chat = label != "base"  # Base is a plain-text model: no chat template
         args = ["--model", model, "--label", label, "-o", samples[label],
                 "--prompts", pair / ("heldout_chat.jsonl" if chat else "heldout_base.jsonl"),
-                "--n", setting.n, "--temperature", TEMPERATURE, "--max-new-tokens", setting.max_new_tokens,
+                "--n", setting.n, "--temperature", TEMPERATURE, "--top-p", setting.top_p, "--top-k", setting.top_k,
+                "--min-p", setting.min_p, "--max-new-tokens", setting.max_new_tokens,
                 "--batch-size", setting.batch_size, "--checker", "boxed", "--seed", seed, "--device", "cpu"]
         args += ["--chat"] if chat else []
         with open(log, "a", encoding="utf-8") as f:
@@ -255,16 +270,26 @@ def precondition(scores: dict, k_max: int) -> tuple[bool, bool]:
     return inst1[1] > base1[2], base_k[1] > inst_k[2]
 
 
-def precondition_table(per_seed: dict[int, dict], k_max: int) -> str:
-    rows = []
-    for seed, scores in per_seed.items():
+def precondition_table(per_seed: dict[int, dict], k_max: int, pooled: dict | None) -> str:
+    """One row per seed and, with several seeds, one for all seeds' problems together;
+    then how many seeds meet it (the plans judge it per seed and pooled)."""
+    rows, met = [], 0
+    for seed, scores in list(per_seed.items()) + ([("pooled", pooled)] if pooled else []):
         sharper, narrower = precondition(scores, k_max)
+        met += sharper and narrower and seed != "pooled"
         verdict = "met" if sharper and narrower else "not met (" + ", ".join(
             what for what, ok in (("Pass@1", sharper), (f"Pass@{k_max}", narrower)) if not ok) + ")"
         rows.append([str(seed), cell(scores[("base", 1)]), cell(scores[("instruct", 1)]),
                      cell(scores[("base", k_max)]), cell(scores[("instruct", k_max)]), verdict])
-    return markdown(["seed", "base Pass@1", "instruct Pass@1", f"base Pass@{k_max}", f"instruct Pass@{k_max}",
-                     "precondition"], rows)
+    table = markdown(["seed", "base Pass@1", "instruct Pass@1", f"base Pass@{k_max}", f"instruct Pass@{k_max}",
+                      "precondition"], rows)
+    return table + (f"\n\nMet on {met} of {len(per_seed)} seeds." if pooled else "")
+
+
+def spread(values: list[float]) -> str:
+    """Mean, standard deviation and range over seeds, in %."""
+    return (f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} "
+            f"({min(values):.1f}-{max(values):.1f})")
 
 
 def results_table(setting: Setting, scores: dict, per_seed_scores: dict[int, dict],
@@ -272,16 +297,35 @@ def results_table(setting: Setting, scores: dict, per_seed_scores: dict[int, dic
     ks, k_max = setting.table_ks, setting.table_ks[-1]
     several = len(per_seed_scores) > 1
     head = ["model"] + [f"Pass@{k}" for k in ks]
-    head += [f"Pass@{k_max} per seed"] if several else []
+    head += [f"Pass@1 over seeds", f"Pass@{k_max} over seeds"] if several else []
     head += ["distinct completions", "distinct answers"]
     rows = []
     for label in next(iter(samples.values())):
         row = [label] + [cell(scores.get((label, k))) for k in ks]
         if several:
-            row.append(" / ".join(f"{s[(label, k_max)][0]:.1f}" for s in per_seed_scores.values()))
+            row += [spread([s[(label, k)][0] for s in per_seed_scores.values()]) for k in (1, k_max)]
         distinct, answers = diversity([by_label[label] for by_label in samples.values()])
         rows.append(row + [f"{distinct:.1f}", f"{answers:.1f}"])
     return markdown(head, rows)
+
+
+def seed_table(setting: Setting, per_seed_scores: dict[int, dict]) -> str:
+    """Each model's Pass@1 and Pass@k_max minus the Instruct's, seed by seed, and how many
+    seeds put it above (below) the Instruct's band: whether the seeds agree."""
+    k_max = setting.table_ks[-1]
+    labels = [label for label in dict.fromkeys(m for s in per_seed_scores.values() for m, _ in s)
+              if label not in ("base", "instruct")]
+    rows = []
+    for label in labels:
+        row = [label]
+        for k in (1, k_max):
+            diffs = [s[(label, k)][0] - s[("instruct", k)][0] for s in per_seed_scores.values()]
+            above = sum(s[(label, k)][1] > s[("instruct", k)][2] for s in per_seed_scores.values())
+            below = sum(s[(label, k)][2] < s[("instruct", k)][1] for s in per_seed_scores.values())
+            row += [" / ".join(f"{d:+.1f}" for d in diffs), f"{above} / {below}"]
+        rows.append(row)
+    return markdown(["model", "Pass@1 minus instruct, per seed", "bands above / below",
+                     f"Pass@{k_max} minus instruct, per seed", "bands above / below"], rows)
 
 
 def number(value: float | None, percent: bool = False) -> str:
@@ -310,7 +354,7 @@ def versions() -> str:
     return ", ".join(found) + f", Python {sys.version_info.major}.{sys.version_info.minor}"
 
 
-def describe(name: str, setting: Setting, pair_info: dict) -> str:
+def describe(name: str, setting: Setting, pair_info: dict, threads: int) -> str:
     rounds = len(pair_info.get("rft_rounds") or ())
     if pair_info.get("pg"):
         post = (f"{rounds} round{'s' * (rounds > 1)} of rejection-sampling fine-tuning on its own correct samples, "
@@ -321,11 +365,14 @@ def describe(name: str, setting: Setting, pair_info: dict) -> str:
         post = "SFT on one teacher answer style"
     lengths = pair_info["settings"].get("lengths", (3, 4, 5))  # a pair.json from before the narrow setting
     seeds = ", ".join(map(str, setting.seeds))
+    if len(setting.seeds) > 2 and setting.seeds == tuple(range(setting.seeds[0], setting.seeds[-1] + 1)):
+        seeds = f"{setting.seeds[0]}-{setting.seeds[-1]}"
     return (f"Toy setting `{name}`: {pair_info['parameters']} parameters (preset {pair_info['preset']}), sums of "
             f"{lengths[0]} to {lengths[-1]} digits, Instruct = Base + {post}; seed{'s' * (len(setting.seeds) > 1)} "
-            f"{seeds}, {pair_info['settings']['held_out']} held-out problems per seed, {setting.n} samples per "
-            f"problem at temperature {TEMPERATURE:g}. Pass@k in %, [95% bootstrap band over problems]. "
-            f"Measured with {versions()}.")
+            f"{seeds}; {pair_info['settings']['held_out']} held-out problems per seed, {setting.n} samples per "
+            f"problem at temperature {TEMPERATURE:g}, top_p {setting.top_p:g}, top_k {setting.top_k}, min_p "
+            f"{setting.min_p:g} (every model alike). Pass@k in %, [95% bootstrap band over problems]. "
+            f"Measured with {versions()}; {pinned_math.describe(threads)}.")
 
 
 # --------------------------------------------------------------------------- main
@@ -336,8 +383,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-o", "--output", type=Path, default=Path("toy_study"),
                    help="parent directory; the run writes OUTPUT/SETTING[-SIZE]/ (default toy_study/)")
     p.add_argument("--setting", choices=("default", "narrow", "narrow-pg"), default="default",
-                   help="default: SFT Instruct, one seed; narrow: rejection-sampling Instruct, 3 seeds; "
-                        "narrow-pg: policy-gradient Instruct, 3 seeds")
+                   help="default: SFT Instruct; narrow: rejection-sampling Instruct; narrow-pg: "
+                        "policy-gradient Instruct; 5 seeds each")
     p.add_argument("--size", choices=SIZES, default="full", help="full (default), fast, smallest")
     p.add_argument("--smallest", action="store_const", const="smallest", dest="size", help="same as --size smallest")
     p.add_argument("--fast", action="store_const", const="fast", dest="size", help="same as --size fast")
@@ -372,9 +419,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_seed(args: argparse.Namespace, setting: Setting, root: Path, seed: int) -> dict:
     """Train (or take) one pair, merge it, sample and score every model: ROOT/seed-SEED/."""
-    import torch
-
-    torch.set_num_threads(args.threads)
+    pinned_math.pin_torch(args.threads)
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # in-process sampling too
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     out = root / f"seed-{seed}"
@@ -437,20 +482,28 @@ def main(argv: list[str] | None = None) -> int:
         overall, curve = scores[setting.seeds[0]], root / f"seed-{setting.seeds[0]}" / "passk" / "passk.png"
 
     k_max = setting.table_ks[-1]
+    several = len(setting.seeds) > 1
     text = "\n\n".join([
-        describe(args.name, setting, pair_info),
+        describe(args.name, setting, pair_info, args.threads),
         "Precondition (Instruct Pass@1 above Base's and Base Pass@"
         f"{k_max} above the Instruct's, each with the 95% bands apart):",
-        precondition_table(scores, k_max),
-        ("All seeds' problems scored together (band over those problems; per seed: each seed's value); "
-         if len(setting.seeds) > 1 else "")
+        precondition_table(scores, k_max, overall if several else None),
+        ("All seeds' problems scored together (band over those problems); over seeds: mean ± standard "
+         "deviation (range) of the seeds' values; " if several else "")
         + "distinct: mean distinct completions / final answers per problem:",
         results_table(setting, overall, scores, samples),
-    ] + ([] if args.precondition_only else [
+    ] + ([] if args.precondition_only or not several else [
+        "Each Timber model against the Instruct, seed by seed (points of Pass@k), and on how many seeds "
+        "its 95% band lies above / below the Instruct's:",
+        seed_table(setting, scores),
+    ]) + ([] if args.precondition_only else [
         "`mergekit-timber analyze` on each pair (medians over the matrices; head energy: mean share of "
         "the delta's energy in the top K directions):",
         analyze_table(analyses),
-    ])) + "\n"
+    ]) + [
+        # The one line that differs between machines; scripts/check_readme.py does not compare it.
+        f"Machine: {pinned_math.cpu_model()}.",
+    ]) + "\n"
     (root / "summary.md").write_text(text)
     print(text, end="")
     say(f"wrote {root / 'summary.md'}, {curve} and the analyze plots in {time.time() - start:.0f} s")

@@ -591,10 +591,54 @@ def expected_tallies(model: str, task: str, filter_name: str | None = None) -> l
     return [pk.Tally(model, f"{task}/{r['doc_id']}", *hand_count(r)) for r in rows]
 
 
+# The fixture tasks pass do_sample and temperature only, as most lm-eval tasks do: every
+# read of two of their files carries this note (tested on its own below), besides any other.
+UNPINNED = ("the files were not sampled alike (top_p, top_k, min_p not passed in every file, so each "
+            "model's generation_config.json decided them)")
+
+
 def read_both(task: str, **options) -> tuple[list[pk.Tally], list[str]]:
     notes: list[str] = []
     paths = [lmeval_file(m, task) for m in MODEL_DIRS]
-    return pk.read_tallies(paths, warn=notes.append, **options), notes
+    tallies = pk.read_tallies(paths, warn=notes.append, **options)
+    sampling = [n for n in notes if n.startswith("the files were not sampled alike")]
+    assert all(n.startswith(UNPINNED) for n in sampling), sampling
+    return tallies, [n for n in notes if n not in sampling]
+
+
+def test_lmeval_files_that_left_sampling_to_the_models_are_named():
+    """Real lm-eval output of a task whose generation_kwargs give only do_sample and
+    temperature: top_p/top_k/min_p came from each model's generation config."""
+    notes: list[str] = []
+    pk.read_tallies([lmeval_file(m, "tiny_repeat_list") for m in MODEL_DIRS], warn=notes.append)
+    assert len(notes) == 1 and notes[0].startswith(UNPINNED), notes
+    assert "\n" not in notes[0]
+
+
+def test_records_sampled_differently_get_one_line_naming_the_difference(tmp_path):
+    def records(name: str, sampling: dict | None) -> Path:
+        path = tmp_path / name
+        rows = [{"model": name, "problem": i, "correct": bool(i % 2), "completion": "x",
+                 **({"sampling": sampling} if sampling is not None else {})} for i in range(4)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    pinned = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_new_tokens": 64}
+    same, qwen = records("base.jsonl", pinned), records("instruct.jsonl", {**pinned, "top_k": 20, "top_p": 0.95})
+    notes: list[str] = []
+    pk.read_tallies([same, records("other.jsonl", pinned)], warn=notes.append)
+    assert notes == []  # sampled alike: silent
+    pk.read_tallies([same, qwen], warn=notes.append)
+    assert notes == ["the files were not sampled alike (top_p: 1.0 in base.jsonl, 0.95 in instruct.jsonl; "
+                     "top_k: 0 in base.jsonl, 20 in instruct.jsonl): Pass@k of models sampled differently is "
+                     "not comparable; pin every knob (scripts/sample.py does; for lm-eval, the task's "
+                     "generation_kwargs)"]
+    notes.clear()
+    pk.read_tallies([same, records("hand.jsonl", None)], warn=notes.append)
+    assert len(notes) == 1 and "no settings recorded in hand.jsonl" in notes[0]
+    notes.clear()
+    pk.read_tallies([records("a.jsonl", None), records("b.jsonl", None)], warn=notes.append)
+    assert notes == []  # nothing recorded anywhere (hand-written records): nothing to compare
 
 
 def assert_counts_spread(tallies: list[pk.Tally]) -> None:
@@ -772,7 +816,8 @@ def test_cli_on_lmeval_samples(tmp_path):
     result = CliRunner().invoke(main, ["passk", *take_first, "-o", str(tmp_path / "t"), "--bootstrap", "0"])
     assert result.exit_code == 0, result.output
     warned = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
-    assert warned == [f"warning: {unscored_note(Path(f), 'none')}" for f in take_first]
+    assert warned[0].startswith(f"warning: {UNPINNED}")  # the fixture tasks pin temperature only
+    assert warned[1:] == [f"warning: {unscored_note(Path(f), 'none')}" for f in take_first]
 
 
 def test_plot_shows_labels_starting_with_underscore(tmp_path):

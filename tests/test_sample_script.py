@@ -162,3 +162,33 @@ def test_sampler_errors(tmp_path, tiny_model, sampler):
         with pytest.raises(SystemExit, match=r"--backend vllm needs vLLM \(pip install vllm\)"):
             sampler.main([*base, "--prompts", str(prompts), "--backend", "vllm"])
     assert not (tmp_path / "o.jsonl").exists(), "errors come before the output is opened"
+
+
+def test_generation_config_does_not_change_the_samples(tmp_path, tiny_model, sampler):
+    """A Qwen3-style generation_config.json (top_k 20, top_p 0.95; here top_k 1, which would
+    make every sample the greedy one) must not reach the sampler: every knob is explicit."""
+    import shutil
+
+    with_config = tmp_path / "with-config"
+    shutil.copytree(tiny_model, with_config)
+    config_file = with_config / "generation_config.json"  # keeps its eos/pad/bos ids
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "do_sample": True, "top_k": 1,
+                                       "top_p": 0.5, "min_p": 0.9, "temperature": 0.1}))
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    common = ["--n", "8", "--max-new-tokens", "6", "--device", "cpu", "--seed", "3", "--label", "m",
+              "--prompts", str(prompts)]
+    plain, configured = tmp_path / "plain.jsonl", tmp_path / "configured.jsonl"
+    assert sampler.main([*common, "--model", str(tiny_model), "-o", str(plain)]) == 0
+    assert sampler.main([*common, "--model", str(with_config), "-o", str(configured)]) == 0
+    assert read_records(plain) == read_records(configured)
+    assert len({r["completion"] for r in read_records(plain)}) > len(PROBLEMS)  # really sampled
+    assert read_records(plain)[0]["sampling"] == {
+        "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_new_tokens": 6}
+
+    # The knobs do act when given: top_k 1 is greedy.
+    greedy_k = tmp_path / "top1.jsonl"
+    assert sampler.main([*common, "--model", str(tiny_model), "-o", str(greedy_k), "--top-k", "1"]) == 0
+    by_problem = {}
+    for r in read_records(greedy_k):
+        by_problem.setdefault(r["problem"], set()).add(r["completion"])
+    assert all(len(c) == 1 for c in by_problem.values())

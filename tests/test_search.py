@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import run_cli, shared_toy_pair, write_yaml
 
+from mergekit_timber import passk as pk
+
 import toy_lmeval_task
 
 LAMBDAS = "0,0.5"
@@ -95,6 +97,12 @@ def test_search_runs_resumes_and_retries_a_failed_evaluation(work):
         kwargs = samples[0]["arguments"]["gen_args_0"]["arg_1"]
         assert {k: kwargs[k] for k in ("temperature", "top_p", "top_k", "min_p", "do_sample")} == {
             "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "do_sample": True}
+
+    # passk reads lm-eval's record of those settings: the models' files agree, no note.
+    notes: list[str] = []
+    pk.read_tallies([out / "evals" / m / json.loads((out / "evals" / m / "record.json").read_text())["samples"]["toy_sums"]
+                     for m in MODELS if m != "base"], fmt="lm-eval", warn=notes.append)
+    assert notes == []
 
     rows = list(csv.DictReader(open(out / "passk.csv")))
     assert {(r["model"], int(r["k"])) for r in rows} == {(m, k) for m in MODELS for k in (1, 2, 4)}

@@ -7,6 +7,7 @@ generation_config.json, tokenizer and chat template): the recipes here are plain
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -224,11 +225,35 @@ def test_narrow_setting_runs_end_to_end_smallest(smallest_runs):
     summary = (root / "summary.md").read_text()
     assert summary == narrow.stdout, "the printed tables are the file's"
     assert "rejection-sampling fine-tuning" in summary and "Measured with torch " in summary
-    assert all(f"| {label} |" in summary for label in labels) and "Pass@4 per seed" in summary
+    assert all(f"| {label} |" in summary for label in labels) and "Pass@4 over seeds" in summary
+    assert "\n| pooled | " in summary and "Met on " in summary and "bands above / below" in summary
+    assert "top_k 50, min_p 0 (every model alike)" in summary and "CPU math pinned: MKL_CBWR=COMPATIBLE" in summary
+    assert summary.splitlines()[-1].startswith("Machine: ")
+    assert {r["sampling"]["top_k"] for r in pooled} == {50}  # stated, not inherited
     assert summary.count("\n| 0 | ") == 2 and summary.count("\n| 1 | ") == 2  # precondition, analyze
     # Nothing long is silent in a log: training and sampling report as they go.
     for stage in ("base training steps: 0/40", "rft round 2: ", "sampling timber-0.5: 32/32 done"):
         assert stage in narrow.stderr, narrow.stderr[-3000:]
+
+
+def test_another_instruction_set_gives_the_same_bits(smallest_runs, tmp_path):
+    """The narrow setting again, in an environment asking MKL and torch for AVX2 code paths
+    (what another CPU would pick by itself): scripts/pinned_math.py overrides both, so the
+    trained pairs, the merged models, the samples and the summary are byte for byte those of
+    the first run (which took this CPU's own widest paths)."""
+    out, _, narrow = smallest_runs
+    env = {**os.environ, "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    again = subprocess.run([sys.executable, str(REPO / "scripts" / "toy_study.py"), "-o", str(tmp_path),
+                            "--setting", "narrow", "--smallest"], capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout == narrow.stdout
+    first, second = out / "narrow-smallest", tmp_path / "narrow-smallest"
+    compared = 0
+    for path in sorted(first.rglob("*")):
+        if path.suffix in (".safetensors", ".jsonl", ".csv") and "analyze" not in path.parts:
+            assert path.read_bytes() == (second / path.relative_to(first)).read_bytes(), path
+            compared += path.suffix == ".safetensors"
+    assert compared >= 2 * (2 + 2)  # per seed: base, instruct, timber_l, timber-0.5
 
 
 def test_default_setting_pair_and_scores_smallest(smallest_runs):
