@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What pinning the CPU math costs the toy studies (scripts/pinned_math.py), side by side.
 
-    python scripts/bench_pinned_math.py [--preset default] [--steps 20] [--rounds 2]
+    python scripts/bench_pinned_math.py [--preset default] [--steps 20] [--rounds 2] [-o FILE]
 
 In fresh processes, alternately with this CPU's own code paths and with the pinned ones
 (MKL's COMPATIBLE branch, torch's baseline kernels, one thread): training steps of the
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="default", help="toy_pair preset whose model is timed (default: default)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per process (default 20)")
     p.add_argument("--rounds", type=int, default=2, help="unpinned/pinned pairs of processes (default 2)")
+    p.add_argument("-o", "--output", type=Path, help="also write the table to this file (a docs figure block)")
     args = p.parse_args(argv)
     runs: dict[bool, list[dict]] = {False: [], True: []}
     for _ in range(args.rounds):
@@ -85,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         slow = statistics.median(r[what] for r in runs[True])
         rows.append(f"| {unit} | {fast * 1e3:.0f} ms ({runs[False][0]['capability']}) | "
                     f"{slow * 1e3:.0f} ms ({runs[True][0]['capability']}, MKL COMPATIBLE) | {slow / fast:.2f}x |")
-    print(f"Preset `{args.preset}`, one thread, median of {args.rounds} processes each, "
-          f"load average {load:.1f} at the end:\n")
-    print("| what | this CPU's paths | pinned | pinned / unpinned |\n|---|---|---|---|")
-    print("\n".join(rows))
+    text = (f"Preset `{args.preset}`, one thread, median of {args.rounds} processes each, "
+            f"load average {load:.1f} at the end:\n\n"
+            "| what | this CPU's paths | pinned | pinned / unpinned |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    print(text, end="")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
     return 0
 
 

@@ -125,3 +125,11 @@ def test_update_keeps_edits_made_to_the_page_while_its_command_ran(tmp_path):
     page.write_text(edited)  # the block moved down one line meanwhile
     check_readme.replace_body(block, "fresh\n")
     assert page.read_text() == edited.replace("-->\nstale\n", "-->\nfresh\n")
+
+
+def test_the_machine_line_is_reported_not_compared():
+    """A toy summary's last line names the CPU; the figures above it must still match exactly."""
+    want = "Pass@1 26.8\nMachine: AMD EPYC 7B13 (AuthenticAMD, family 25 model 1, with AVX2).\n"
+    assert check_readme.compare(want, want.replace("AMD EPYC 7B13 (AuthenticAMD", "Intel Xeon (GenuineIntel"), None) == []
+    assert check_readme.compare(want, want.replace("26.8", "26.9"), None) != []
+    assert check_readme.compare(want, "Pass@1 26.8\n", 0.1) == []
