@@ -872,6 +872,10 @@ def test_readme_task_run_by_lm_eval_gives_n_8():
     # tiny models' letters (c = 0 throughout), but every completion is kept and counted.
     tallies, notes = read_both("my_task_pass8")
     assert notes == [] and {t.n for t in tallies} == {REPEATS}
+    # Its generation_kwargs pin top_p/top_k/min_p: lm-eval recorded them, passk has nothing to say.
+    raw: list[str] = []
+    pk.read_tallies([lmeval_file(m, "my_task_pass8") for m in MODEL_DIRS], warn=raw.append)
+    assert raw == []
     assert tallies == expected_tallies("base", "my_task_pass8") + expected_tallies("timber", "my_task_pass8")
     (results,) = (LMEVAL / MODEL_DIRS["base"]).glob("results_*.json")
     config = json.loads(results.read_text())["configs"]["my_task_pass8"]
