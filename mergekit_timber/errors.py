@@ -19,7 +19,7 @@ class TimberInputError(TimberError, ValueError):
 
 
 class NonFiniteInput(TimberInputError):
-    """An input tensor holds NaN/Inf as the merge method received it (mergekit_timber.finite
+    """An input tensor holds NaN/Inf as the merge method received it (mergekit_timber.integration.finite
     tells whether the model's file or the recipe's `dtype:` cast put it there)."""
 
     def __init__(self, message: str, *, tensor: str, which: str, count: int, dtype: str):

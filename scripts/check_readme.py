@@ -199,7 +199,7 @@ def durations(out: Path, setup: bool) -> None:
             _timed(rows, "`bash scripts/setup.sh`, once set up", "VENV=$PWD/.venv-fresh bash scripts/setup.sh", repo, own)
         steps = [
             ("the demo after set-up (`scripts/demo.py`)", "python scripts/demo.py --workdir demo"),
-            ("build the local pair", "python -m mergekit_timber.testing.synthetic pair/ --arch qwen3 --layers 2 --yaml timber-local.yml"),
+            ("build the local pair", "python scripts/make_pair.py pair/ --arch qwen3 --layers 2 --yaml timber-local.yml"),
             ("`mergekit-timber analyze` on it", "mergekit-timber analyze pair/base pair/instruct -o analysis/"),
             ("`mergekit-yaml` merge of it", "mergekit-yaml timber-local.yml out-local/"),
             ("`mergekit-timber recipe`", "mergekit-timber recipe ./pair/base ./pair/instruct > timber.yml"),

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from helpers import run_cli, write_yaml
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def pair(tmp_path_factory):
 
 
 def test_help_names_methods_parameters_and_a_recipe():
-    from mergekit_timber import method
+    from mergekit_timber.method import adapter as method
 
     text = run_cli("mergekit-timber", "--help").stdout
     for name in ("timber", "timber_l", "recipe", "analyze", "sweep", "passk"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mergekit_timber.kernel import (
+from mergekit_timber.method.kernel import (
     HeadRule,
     effective_rank,
     head_size,
@@ -141,14 +141,14 @@ def test_head_rule_validation():
 def test_meta_device_allocations_follow_the_input():
     # Every buffer is allocated on the input's device: shape-check on "meta" tensors
     # (no data) up to the eigen-decomposition, which meta cannot run.
-    from mergekit_timber.kernel import delta64, row_chunks
+    from mergekit_timber.method.kernel import delta64, row_chunks
 
     b = torch.empty(10, 4, device="meta", dtype=torch.bfloat16)
     assert delta64(b, b, row_chunks(b[None].shape)[0]).device.type == "meta"
 
 
 def test_non_finite_input_is_detected_through_the_gram():
-    from mergekit_timber.kernel import NonFiniteDelta
+    from mergekit_timber.method.kernel import NonFiniteDelta
 
     base, instruct = _case("gauss", 300, 260)  # wide enough for the three-block Gram
     instruct[7, 3] = float("inf")
@@ -157,7 +157,7 @@ def test_non_finite_input_is_detected_through_the_gram():
 
 
 def test_symmetric_gram_matches_plain_gram():
-    from mergekit_timber.kernel import delta_gram
+    from mergekit_timber.method.kernel import delta_gram
 
     # 300 columns: two row panels, so the upper-triangle blocks are mirrored.
     d = torch.randn(2, 50, 300, dtype=torch.float64)

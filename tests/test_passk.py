@@ -16,7 +16,7 @@ from helpers import cli
 import pytest
 from click.testing import CliRunner
 
-from mergekit_timber import passk as pk
+from mergekit_timber.tools import passk as pk
 from answer_check import (
     check_boxed,
     check_exact,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import base_config, load_dir, write_yaml
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mergekit_timber import passk as pk
+from mergekit_timber.tools import passk as pk
 
 
 @click.command("passk")

@@ -1,6 +1,6 @@
 """Which checkpoint tensors Timber refines, and how each splits into matrices.
 
-The one rule, shared by the merge (mergekit_timber.method) and `mergekit-timber
+The one rule, shared by the merge (mergekit_timber.method.adapter) and `mergekit-timber
 analyze`. Timber decomposes each linear map of the forward pass (SPEC: one
 decomposition per projection; for MoE, per expert and per projection):
 
@@ -23,7 +23,7 @@ the name is there, else converted to the transformers-5 model layout (per-expert
 tensors become stacked ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj``
 [E, H, I]). Analyze reads checkpoints as stored: the same table covers both. The
 output goes back to the Instruct checkpoint's own names and layout as it is written
-(mergekit_timber.hub_layout, with transformers' reverse conversion, not this table).
+(mergekit_timber.integration.hub_layout, with transformers' reverse conversion, not this table).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The mergekit adapter: `timber` and `timber_l` as mergekit GroupMergeMethods.
 
 This module maps mergekit's per-tensor call onto the kernel: it asks
-mergekit_timber.layout which tensors are refined and how each splits into matrices
+mergekit_timber.method.layout which tensors are refined and how each splits into matrices
 (stacked MoE experts, fused projections), checks the inputs, and reads the
-parameters. The maths lives in mergekit_timber.kernel.
+parameters. The maths lives in mergekit_timber.method.kernel.
 """
 
 from __future__ import annotations
@@ -27,9 +27,14 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_timber import DISTRIBUTION, PAPER_URL, finite, input_pages, layout, quantized, signals
-from mergekit_timber.errors import NonFiniteInput, TimberConfigError, TimberInputError
-from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
+from mergekit_timber import DISTRIBUTION, PAPER_URL
+
+from mergekit_timber.integration import input_pages, quantized, signals
+from mergekit_timber.integration.finite import check_finite
+
+from mergekit_timber.method import layout
+from mergekit_timber.errors import TimberConfigError, TimberInputError
+from mergekit_timber.method.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
 
 LOG = logging.getLogger(__name__)
 DEFAULT_LAMBDA = 0.2  # the authors' recommended default (arXiv 2509.23595)
@@ -163,7 +168,7 @@ def refine_tensor(
     """Timber on one checkpoint tensor, in `out_dtype` (default: the instruct tensor's dtype)
     on the instruct tensor's device.
 
-    `split` (mergekit_timber.layout) says which matrices the tensor holds; without
+    `split` (mergekit_timber.method.layout) says which matrices the tensor holds; without
     it, the layout rule of an unknown architecture (2-D: one matrix; stacked experts
     need their architecture). With a sequence of lambdas, one decomposition serves
     them all and a tuple of results comes back, each bit-identical to a run with
@@ -193,15 +198,6 @@ def _refine(split, base, instruct, lams, rule, out_dtype=None) -> Tuple[torch.Te
     for b, i, *o in parts:
         refine_stack(b, i, lams, rule, read_hook=_chunk_read, outs=o)
     return outs
-
-
-def check_finite(name: str, which: str, tensor: torch.Tensor) -> None:
-    bad = finite.count_nonfinite(tensor)  # in chunks: no full-size mask on the device
-    if bad:
-        raise NonFiniteInput(
-            f"{name}: the {which} model's tensor holds {bad} NaN/Inf value(s); refusing to merge it",
-            tensor=name, which=which, count=bad, dtype=str(tensor.dtype).removeprefix("torch."),
-        )
 
 
 # Receives, per tensor, the outputs for a method's extra lambdas (see sweep.py).

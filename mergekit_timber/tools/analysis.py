@@ -1,6 +1,6 @@
 """Spectral analysis of a Base/Instruct pair: what Timber would do, matrix by matrix.
 
-For every tensor that Timber refines (the selection of mergekit_timber.method: every
+For every tensor that Timber refines (the selection of mergekit_timber.method.adapter: every
 floating tensor with 2 or more dimensions, embeddings and lm_head included; a tensor
 of more dimensions is read as [out, -1]; stacked MoE experts ``*.experts.down_proj``
 [E, H, I] give one matrix per expert and fused ``*.experts.gate_up_proj`` [E, 2I, H]
@@ -46,7 +46,7 @@ from mergekit_timber.errors import TimberInputError
 # head/tail form, same rounding), row chunk by row chunk, so that the float64 result
 # is never held whole. tests/test_analyze.py checks it against method.refine_tensor
 # bit for bit.
-from mergekit_timber.kernel import (
+from mergekit_timber.method.kernel import (
     ERANK,
     HeadRule,
     as_tall,
@@ -57,8 +57,8 @@ from mergekit_timber.kernel import (
     right_spectrum,
     singular_values,
 )
-from mergekit_timber import layout
-from mergekit_timber.method import check_finite
+from mergekit_timber.method import layout
+from mergekit_timber.integration.finite import check_finite
 
 # Columns of erank.csv, in order, with their meaning (shown by `mergekit-timber analyze
 # --help` and included in the --format json output as "columns").
@@ -152,7 +152,7 @@ def refined_tensor_names(
     name_filter: Optional[str] = None,
     refine_embeddings: bool = True,
 ) -> List[Tuple[str, layout.Split]]:
-    """(name, split) of the tensors Timber refines (mergekit_timber.layout's rule),
+    """(name, split) of the tensors Timber refines (mergekit_timber.method.layout's rule),
     after checking the pair matches."""
     b_arch, i_arch = _architecture(base.config()), _architecture(instruct.config())
     if b_arch and i_arch and b_arch != i_arch:

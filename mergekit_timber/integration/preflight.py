@@ -13,7 +13,7 @@
   (never read) is an error;
 - parameter values: one validation. A setting's shape (value, gradient, filter entries)
   is mergekit's `ParameterSetting`; each value goes through the method's own
-  `ParameterSpec.validate` (mergekit_timber.method), exactly as mergekit resolves it per
+  `ParameterSpec.validate` (mergekit_timber.method.adapter), exactly as mergekit resolves it per
   tensor. Preflight only adds what neither reports in one line: `null`, unknown keys in a
   filter entry;
 - models: each exists locally or as a Hub id (a local-looking path that does not exist
@@ -23,7 +23,7 @@
   not) in both as transformers reads the configs. Mixed dtypes without `dtype:` are a
   warning: mergekit promotes both to a common dtype, as for any method.
 
-The Base is `base_model:` or the slices' own `base_model:` (mergekit_timber.recipe).
+The Base is `base_model:` or the slices' own `base_model:` (mergekit_timber.integration.recipe).
 `explain_config_error` turns mergekit's pydantic error for a Timber config (e.g.
 `lambda: null`) into the same one-line errors.
 """
@@ -36,10 +36,10 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from mergekit_timber import quantized
+from mergekit_timber.integration import quantized
 from mergekit_timber.errors import TimberConfigError, TimberError, TimberInputError, add_explainer
 from mergekit_timber.errors import TIMBER_METHODS
-from mergekit_timber.recipe import base_model
+from mergekit_timber.integration.recipe import base_model
 
 LOG = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ LOG = logging.getLogger(__name__)
 
 
 def _spec(method: str):
-    import mergekit_timber.method  # noqa: F401 - registers the methods
+    import mergekit_timber.method.adapter  # noqa: F401 - registers the methods
     from mergekit import merge_methods
 
     return merge_methods.get(method).spec
@@ -213,7 +213,7 @@ def _scalars(setting: Any) -> Iterator[Any]:
 
 def parameter_vocabulary() -> Dict[str, List[str]]:
     """Parameter name -> the registered methods that declare it (mergekit's vocabulary)."""
-    import mergekit_timber.method  # noqa: F401 - registers the methods
+    import mergekit_timber.method.adapter  # noqa: F401 - registers the methods
     from mergekit import merge_methods
 
     names: Dict[str, List[str]] = {}
@@ -282,7 +282,7 @@ KNOWN_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 def _check_dtypes(method: str, doc: Dict[str, Any]) -> None:
     """`dtype:`/`out_dtype:` that mergekit would refuse mid-merge ("Unimplemented dtype")."""
-    from mergekit_timber import guard
+    from mergekit_timber.integration import guard
 
     dtype_from_name = guard.lookup("mergekit.common.dtype_from_name")
     for key in ("dtype", "out_dtype"):

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from mergekit_timber.checkpoint import looks_like_hub_id
-from mergekit_timber.recipe import base_model, instruct_model
+from mergekit_timber.integration.recipe import base_model, instruct_model
 
 # Files any tokenizer saved by transformers leaves (one of them is enough to try a copy).
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")

@@ -15,7 +15,7 @@ def timber_method(config):
     """The TimberMerge a config names (`timber`, `timber_l`, a sweep's own), else None."""
     from mergekit.merge_methods import registry
 
-    from mergekit_timber.method import TimberMerge
+    from mergekit_timber.method.adapter import TimberMerge
 
     method = registry._METHODS.get(getattr(config, "merge_method", None) or "")
     return method if isinstance(method, TimberMerge) else None

@@ -10,7 +10,7 @@ transformers 4 then loads the output with the wrong rope or not at all. So:
   Instruct's own `config.json`, key for key, where only the dtype is set to what was
   written (in the key the file already uses), plus what the recipe itself changes (the
   vocabulary size with a `tokenizer:` step, the layer count with `slices:`); a block-FP8
-  Instruct's `quantization_config` goes (mergekit_timber.quantized.plain_config).
+  Instruct's `quantization_config` goes (mergekit_timber.integration.quantized.plain_config).
 - `verify` is the last check before publishing, a safety net for a mergekit that calls
   the seam's patches another way: config, generation config and tokenizer files equal
   the Instruct's (as above), the tensor names and shapes equal the Instruct checkpoint's
@@ -48,7 +48,7 @@ def read_json(path: Path, what: str) -> Dict[str, Any]:
 
 
 def _recipe_keys(merge_config) -> Tuple[str, ...]:
-    from mergekit_timber.card import mergekit_makes_tokenizer
+    from mergekit_timber.integration.card import mergekit_makes_tokenizer
 
     keys = (VOCAB_KEY,) if mergekit_makes_tokenizer(merge_config) else ()
     return keys + ((LAYERS_KEY,) if merge_config.slices or merge_config.modules else ())
@@ -73,7 +73,7 @@ def _with_values(config: Dict[str, Any], source: Mapping[str, Any], keys) -> Dic
 
 def expected_config(instruct: Mapping[str, Any], written: Mapping[str, Any], merge_config) -> Dict[str, Any]:
     """The Instruct's config.json with the dtype and the recipe's own keys of `written`."""
-    from mergekit_timber.quantized import plain_config
+    from mergekit_timber.integration.quantized import plain_config
 
     config = plain_config(instruct, _dtype_of(written))
     return _with_values(config, written, _recipe_keys(merge_config))
@@ -133,7 +133,7 @@ def _differ(a: Path, b: Path) -> bool:
 
 
 def _check_files(stage: Path, instruct_dir: Path, merge_config, options) -> None:
-    from mergekit_timber.card import mergekit_makes_tokenizer
+    from mergekit_timber.integration.card import mergekit_makes_tokenizer
 
     def refuse(name: str, why: str):
         raise TimberOutputError(
@@ -163,7 +163,7 @@ def _check_files(stage: Path, instruct_dir: Path, merge_config, options) -> None
 
 def instruct_tensors(instruct_dir: Path) -> Dict[str, Optional[Tuple[int, ...]]]:
     """name -> shape of the Instruct checkpoint as a merge reads it (an FP8 one without scales)."""
-    from mergekit_timber import hub_layout, quantized
+    from mergekit_timber.integration import hub_layout, quantized
     from mergekit_timber.checkpoint import Checkpoint
 
     stored = hub_layout._stored_tensors(Path(instruct_dir))
@@ -178,8 +178,8 @@ def instruct_tensors(instruct_dir: Path) -> Dict[str, Optional[Tuple[int, ...]]]
 def _mergekit_reads(merge_config, options):
     """(name -> whether mergekit reads the Instruct's stored tensor `name`, name -> whether
     mergekit writes `name` as a tied copy of a stored one), from mergekit's architecture."""
-    from mergekit_timber.preflight import architecture_weights
-    from mergekit_timber.recipe import base_model
+    from mergekit_timber.integration.preflight import architecture_weights
+    from mergekit_timber.integration.recipe import base_model
 
     base = base_model(merge_config)
     weights = architecture_weights(merge_config, options, base) if base is not None else None
@@ -201,8 +201,8 @@ def _mergekit_reads(merge_config, options):
 
 
 def _check_tensors(written: Mapping[str, Tuple[int, ...]], instruct_dir: Path, merge_config, options) -> None:
-    from mergekit_timber.card import mergekit_makes_tokenizer
-    from mergekit_timber.hub_layout import _layer_template
+    from mergekit_timber.integration.card import mergekit_makes_tokenizer
+    from mergekit_timber.integration.hub_layout import _layer_template
 
     stored = instruct_tensors(instruct_dir)
     reads, tied_copy = _mergekit_reads(merge_config, options)

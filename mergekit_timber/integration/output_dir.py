@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Iterable, List, Optional, Set
 
-from mergekit_timber import signals
+from mergekit_timber.integration import signals
 from mergekit_timber.errors import TimberOutputError
 
 try:

@@ -395,7 +395,7 @@ def _loader_class():
                 return self.inner.get_tensor(key, device=device)
             import torch
 
-            from mergekit_timber import input_pages
+            from mergekit_timber.integration import input_pages
 
             scale = self.inner.get_tensor(self.quant.companions[key])
             code = self.inner.get_tensor(key)
@@ -542,7 +542,7 @@ def _write_shard(path: Path, entries: List[_Entry]) -> None:
 
     import torch
 
-    from mergekit_timber import input_pages
+    from mergekit_timber.integration import input_pages
 
     if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
         raise RuntimeError("writing safetensors needs a little-endian host")
@@ -575,11 +575,11 @@ def dequantize_checkpoint(
     Shard by shard (same shard names), tensor by tensor: memory holds one output tensor
     and the pages of the input it reads. Scales are dropped, config.json loses its
     quantization_config; the other files (tokenizer, generation config, ...) are copied.
-    The output is staged and published at the end (mergekit_timber.output_dir): all or nothing.
+    The output is staged and published at the end (mergekit_timber.integration.output_dir): all or nothing.
     """
     import torch
 
-    from mergekit_timber.output_dir import OutputDir
+    from mergekit_timber.integration.output_dir import OutputDir
 
     if dtype not in DTYPES:
         raise TimberInputError(f"dequantize: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
