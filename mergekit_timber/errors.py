@@ -31,6 +31,9 @@ class TimberOutputError(TimberError):
     """The output directory cannot be written as asked, or a write or copy step failed."""
 
 
+# How every one-line error of mergekit-timber starts (the excepthook, the CLI's own errors).
+ERROR_PREFIX = "mergekit-timber: error: "
+
 # The console scripts whose uncaught TimberErrors print as one line.
 CLI_PROGRAMS = ("mergekit-yaml", "mergekit-multi", "mergekit-timber")
 CLI_MODULES = ("mergekit.scripts.run_yaml", "mergekit.scripts.multimerge", "mergekit_timber.cli")
@@ -63,6 +66,11 @@ def add_explainer(explain) -> None:
 TIMBER_METHODS = ("timber", "timber_l")
 SWEEP_METHOD_PREFIX = "timber-sweep-"
 _UNKNOWN_METHOD = "Unimplemented merge method "
+
+
+def is_timber_method(name) -> bool:
+    """Whether a merge_method name is one of ours: the one answer to "is this a Timber merge?"."""
+    return isinstance(name, str) and (name in TIMBER_METHODS or name.startswith(SWEEP_METHOD_PREFIX))
 
 
 def explain_unknown_method(error, trace):
@@ -120,7 +128,7 @@ def install_excepthook() -> None:
                 break
         if cause is None or flag("MERGEKIT_TIMBER_TRACEBACK"):
             return previous(kind, error, trace)
-        print(f"mergekit-timber: error: {cause}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{cause}", file=sys.stderr)
 
     hook._mergekit_timber = True
     sys.excepthook = hook

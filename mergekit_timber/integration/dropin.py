@@ -23,18 +23,12 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from mergekit_timber.checkpoint import GENERATION_CONFIG as GENERATION, MERGEKIT_TOKENIZER_COPY
 from mergekit_timber.errors import TimberOutputError
 
 DTYPE_KEYS = ("dtype", "torch_dtype")
 # Keys a recipe itself changes: the vocabulary with a tokenizer step, the layers with slices.
 VOCAB_KEY, LAYERS_KEY = "vocab_size", "num_hidden_layers"
-# mergekit's tokenizer copy (merge._copy_tokenizer) copies these from the donor, byte for byte.
-COPIED_TOKENIZER_FILES = (
-    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-    "added_tokens.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-    "video_preprocessor_config.json",
-)  # fmt: skip
-GENERATION = "generation_config.json"
 
 
 def read_json(path: Path, what: str) -> Dict[str, Any]:
@@ -156,7 +150,7 @@ def _check_files(stage: Path, instruct_dir: Path, merge_config, options) -> None
         and any((instruct_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
     )  # fmt: skip
     if copied:
-        for name in COPIED_TOKENIZER_FILES:
+        for name in MERGEKIT_TOKENIZER_COPY:
             if _differ(stage / name, instruct_dir / name):
                 refuse(name, "is not a copy of" if (instruct_dir / name).is_file() else "is there without")
 

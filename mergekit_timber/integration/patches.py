@@ -36,7 +36,7 @@ import sys
 from typing import Callable, Dict
 
 from mergekit_timber.integration import guard
-from mergekit_timber.errors import SWEEP_METHOD_PREFIX, TIMBER_METHODS, TimberError, install_excepthook, running_cli
+from mergekit_timber.errors import TimberError, install_excepthook, is_timber_method, running_cli
 
 _SEAM = None  # mergekit_timber.integration.seam once installed (imported only when the guard passes)
 _ORIGINALS: Dict[str, Callable] = {}  # where -> mergekit's own function, while replaced
@@ -56,12 +56,7 @@ def _wrapper(where: str):
 def _names_timber(config) -> bool:
     """Whether a config asks for a Timber method (never raises: any doubt is not Timber)."""
     try:
-        name = getattr(config, "merge_method", None)
-        if not isinstance(name, str):
-            return False
-        if _SEAM is not None:
-            return _SEAM.is_timber(config)
-        return name in TIMBER_METHODS or name.startswith(SWEEP_METHOD_PREFIX)
+        return is_timber_method(getattr(config, "merge_method", None))
     except Exception:  # noqa: BLE001 - a non-Timber merge must reach mergekit whatever happens
         return False
 

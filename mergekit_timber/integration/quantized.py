@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from mergekit_timber.checkpoint import DTYPES, Checkpoint
+from mergekit_timber.checkpoint import DTYPES, SAFETENSORS_DTYPES, Checkpoint, looks_like_weights
 from mergekit_timber.errors import TimberInputError
 
 if TYPE_CHECKING:
@@ -493,13 +493,9 @@ class _Entry:
     make: Any  # () -> torch.Tensor
 
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _TAG_BYTES[self.tag]
+        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.tag][0]
 
 
-_TAG_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8,
-}  # fmt: skip
 
 
 def _entries(checkpoint: Checkpoint, quant: Quantization, dtype: "torch.dtype") -> Dict[str, List[_Entry]]:
@@ -616,7 +612,7 @@ def dequantize_checkpoint(
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             for item in sorted(source.iterdir()):
-                if item.is_file() and not _is_weights(item.name) and item.name != "config.json":
+                if item.is_file() and not looks_like_weights(item.name) and item.name != "config.json":
                     shutil.copyfile(item, stage / item.name)
             config = _read_config(source)
             if config:
@@ -627,11 +623,6 @@ def dequantize_checkpoint(
     finally:
         checkpoint.close()
     return quant
-
-
-def _is_weights(name: str) -> bool:
-    """A weight shard or shard index of the input (any name): written dequantized, not copied."""
-    return name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
 
 
 def plain_config(config: Mapping[str, Any], dtype: Optional[str], *, nested: bool = False) -> Dict[str, Any]:

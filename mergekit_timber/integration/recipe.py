@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, List, Optional
 
-from mergekit_timber.errors import TimberInputError
+from mergekit_timber.errors import TimberInputError, is_timber_method
 
 
 def timber_method(config):
@@ -22,7 +22,7 @@ def timber_method(config):
 
 
 def is_timber(config) -> bool:
-    return timber_method(config) is not None
+    return is_timber_method(getattr(config, "merge_method", None))
 
 
 def _slices(config) -> Iterator[Any]:
