@@ -335,7 +335,7 @@ def test_console_script_json(pairs, tmp_path):
 def _one_line_error(result):
     assert result.exit_code == 1, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("mergekit-timber: error: "), result.stderr
     return lines[0]
 
 

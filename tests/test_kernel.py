@@ -132,7 +132,9 @@ def test_effective_rank_and_singular_values():
 
 
 def test_head_rule_validation():
-    with pytest.raises(ValueError):
+    from mergekit_timber.errors import TimberConfigError
+
+    with pytest.raises(TimberConfigError, match=r"^energy must lie in \(0, 1\]; got 1.5$"):
         HeadRule("energy", 1.5)
     with pytest.raises(ValueError):
         HeadRule("nope")

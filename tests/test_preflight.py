@@ -177,6 +177,33 @@ def test_valid_settings_pass(pair):
     check_document(dict(cfg(*pair, **{"lamda": 1}), merge_method="linear"))  # not ours
 
 
+@pytest.mark.parametrize("place", ["both global", "both on the instruct", "split", "catch-all filter"])
+def test_rank_ratio_with_energy_stops_in_preflight(pair, place):
+    """The cutoff rule the method applies per tensor (parameters.check_cutoffs), asked
+    before the merge whenever both reach every tensor."""
+    from mergekit_timber.errors import TimberConfigError
+    from mergekit_timber.integration.preflight import check_document
+
+    if place == "both global":
+        doc = cfg(*pair, rank_ratio=0.9, energy=0.98)
+    elif place == "both on the instruct":
+        doc = cfg(*pair)
+        doc["models"][0]["parameters"] = {"rank_ratio": 0.9, "energy": 0.98}
+    elif place == "split":
+        doc = cfg(*pair, rank_ratio=0.9)
+        doc["models"][0]["parameters"] = {"energy": 0.98}
+    else:
+        doc = cfg(*pair, rank_ratio=0.9, energy=[{"filter": "mlp", "value": 0.5}, {"value": 0.98}])
+    with pytest.raises(TimberConfigError, match=r"^timber: .*rank_ratio=0.9 and energy=.* are both set; choose one cutoff rule"):
+        check_document(doc)
+
+
+def test_rank_ratio_and_energy_on_different_tensors_pass(pair):
+    from mergekit_timber.integration.preflight import check_document
+
+    check_document(cfg(*pair, rank_ratio=[{"filter": "mlp", "value": 0.5}], energy=[{"filter": "self_attn", "value": 0.9}]))
+
+
 def test_timber_l_names_lambda_even_when_it_is_not_a_number(pair):
     refuse(dict(cfg(*pair, **{"lambda": "abc"}), merge_method="timber_l"), "timber_l: parameter lambda is not accepted")
 

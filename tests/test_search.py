@@ -123,7 +123,7 @@ def test_search_runs_resumes_and_retries_a_failed_evaluation(work):
     assert re.search(r"^evaluation of base failed again: ValueError: scoring failed on purpose$", failing.stderr, re.M)
     assert sorted(evaluated(failing.stderr)) == sorted(m for m in MODELS if m != "base")
     last = failing.stderr.strip().splitlines()[-1]
-    assert last.startswith("Error: 1 evaluation(s) failed twice (base: ValueError"), last
+    assert last.startswith("mergekit-timber: error: 1 evaluation(s) failed twice (base: ValueError"), last
     assert "| instruct |" in failing.stdout and "| base |" not in failing.stdout
     assert not (out / "evals" / "base" / "record.json").read_text().count("toy_sums_base_broken")
 

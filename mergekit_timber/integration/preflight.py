@@ -40,6 +40,8 @@ from mergekit_timber.integration import quantized
 from mergekit_timber.errors import TimberConfigError, TimberError, TimberInputError, add_explainer
 from mergekit_timber.errors import TIMBER_METHODS
 from mergekit_timber.integration.recipe import base_model
+from mergekit_timber.checkpoint import MERGE_DTYPES
+from mergekit_timber.method.parameters import ENERGY, RANK_RATIO, check_cutoffs
 
 LOG = logging.getLogger(__name__)
 
@@ -254,6 +256,7 @@ def check_document(doc: Dict[str, Any]) -> None:
                     "read: set it under the instruct model's entry or in the top-level parameters:"
                 )
             _check_value(method, specs[key], value, where)
+    _check_cutoffs(method, doc)
     for key, places in ignored.items():
         owners = [m for m in vocabulary[key] if m != method]
         LOG.warning(
@@ -261,6 +264,30 @@ def check_document(doc: Dict[str, Any]) -> None:
             method, key, ", ".join(places), ", ".join(owners[:4]) + (", ..." if len(owners) > 4 else ""),
             method, ", ".join(specs),
         )
+
+
+def _for_every_tensor(value: Any) -> bool:
+    """A setting that reaches every tensor: a value or gradient, or filter entries with a
+    catch-all (an entry without `filter:`, as mergekit's evaluate_setting reads it)."""
+    entries = value if isinstance(value, list) and value and all(isinstance(v, dict) for v in value) else None
+    return entries is None or any(not entry.get("filter") for entry in entries)
+
+
+def _check_cutoffs(method: str, doc: Dict[str, Any]) -> None:
+    """rank_ratio with energy, refused before the merge (the method refuses it per tensor):
+    both set for every tensor in one place, or one in the top-level parameters and the
+    other in a place below them."""
+    cutoffs = (RANK_RATIO.name, ENERGY.name)
+    top: Dict[str, Any] = {}
+    for where, params, base_entry in _parameter_places(doc):
+        if not isinstance(params, dict) or base_entry:
+            continue
+        here = {k: params[k] for k in cutoffs if params.get(k) is not None and _for_every_tensor(params[k])}
+        found = {**top, **here} if where != "parameters" else here
+        if len(found) == 2:
+            check_cutoffs(found[RANK_RATIO.name], found[ENERGY.name], where, method)
+        if where == "parameters":
+            top = here
 
 
 def _document(merge_config, source: Optional[str]) -> Dict[str, Any]:
@@ -276,8 +303,6 @@ def _document(merge_config, source: Optional[str]) -> Dict[str, Any]:
     return merge_config.model_dump(mode="json", exclude_none=True, warnings=False)
 
 
-# The dtype names the recipe may use: what mergekit's dtype_from_name knows (0.1.5).
-KNOWN_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 def _check_dtypes(method: str, doc: Dict[str, Any]) -> None:
@@ -292,7 +317,7 @@ def _check_dtypes(method: str, doc: Dict[str, Any]) -> None:
         try:
             dtype_from_name(value)
         except Exception:  # noqa: BLE001 - mergekit raises RuntimeError; any failure is the same answer
-            closest = difflib.get_close_matches(str(value), KNOWN_DTYPES, n=1)
+            closest = difflib.get_close_matches(str(value), list(MERGE_DTYPES), n=1)
             hint = f"did you mean {closest[0]!r}? " if closest else ""
             raise TimberConfigError(
                 f"{method}: {key}: {value!r} is not a dtype mergekit knows; {hint}"
@@ -520,7 +545,7 @@ def _promoted(dtype_a: str, dtype_b: str) -> str:
     """torch.promote_types of two safetensors dtype names (what mergekit's align_dtype uses)."""
     import torch
 
-    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    names = {tag: getattr(torch, name) for name, tag in MERGE_DTYPES.items()}
     if dtype_a in names and dtype_b in names:
         return str(torch.promote_types(names[dtype_a], names[dtype_b])).removeprefix("torch.")
     return "a common dtype"

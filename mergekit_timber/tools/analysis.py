@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-from mergekit_timber.checkpoint import Checkpoint, dtype_name, resolve_model
+from mergekit_timber.checkpoint import FLOATING_TAGS, Checkpoint, dtype_name, resolve_model
 from mergekit_timber.errors import TimberInputError
 # The kernel's own pieces: W_out is rebuilt by exactly the code a merge runs (same
 # head/tail form, same rounding), row chunk by row chunk, so that the float64 result
@@ -58,6 +58,7 @@ from mergekit_timber.method.kernel import (
     singular_values,
 )
 from mergekit_timber.method import layout
+from mergekit_timber.method.parameters import LAMBDA
 from mergekit_timber.integration.finite import check_finite
 
 # Columns of erank.csv, in order, with their meaning (shown by `mergekit-timber analyze
@@ -138,9 +139,6 @@ def module_order(module: str) -> tuple:
 # --------------------------------------------------------------------------- checkpoints
 
 
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-
-
 def _architecture(cfg: dict) -> str:
     archs = cfg.get("architectures") or []
     return ",".join(archs) if archs else str(cfg.get("model_type") or "")
@@ -181,7 +179,7 @@ def refined_tensor_names(
         if b_shape != i_shape:
             raise TimberInputError(f"{name}: base shape {b_shape} != instruct shape {i_shape}")
         split = layout.split(
-            name, i_shape, arch, floating=i_dtype in _FLOAT_DTYPES,
+            name, i_shape, arch, floating=i_dtype in FLOATING_TAGS,
             vocabulary=name in vocabulary, refine_embeddings=refine_embeddings,
         )
         if split.refined:
@@ -315,8 +313,7 @@ def analyze_pair(
     refine_embeddings: bool = True,
 ) -> Analysis:
     """Rows (one per matrix) and summary for a pair; `progress` wraps the tensor loop."""
-    if not 0 <= lam <= 1:
-        raise TimberInputError(f"lambda must lie in [0, 1]; got {lam}")
+    LAMBDA.check(lam, prefix="")
     selected = dict(refined_tensor_names(base, instruct, name_filter, refine_embeddings))
     names = list(selected)
     rows: List[Dict[str, Any]] = []

@@ -30,7 +30,9 @@ import yaml
 from mergekit_timber.checkpoint import open_written
 from mergekit_timber.integration import dropin, finite, hub_layout, quantized, signals
 from mergekit_timber.errors import SWEEP_METHOD_PREFIX, TimberConfigError
-from mergekit_timber.integration.output_dir import display, is_weight_file, writing_into
+from mergekit_timber.method.parameters import LAMBDA
+from mergekit_timber.checkpoint import is_weight_file
+from mergekit_timber.integration.output_dir import display, writing_into
 
 SIDE_SHARD_BYTES = 1_000_000_000
 
@@ -74,8 +76,7 @@ def parse_lambdas(text: str) -> List[float]:
     if not values:
         raise TimberConfigError("--lambdas: give at least one value")
     for value in values:
-        if not 0 <= value <= 1:
-            raise TimberConfigError(f"--lambdas: lambda must lie in [0, 1]; got {value:g}")
+        LAMBDA.check(value, prefix="--lambdas: ")
     if len(set(values)) != len(values):
         raise TimberConfigError(f"--lambdas: repeated value in {text!r}")
     if len({output_name(v) for v in values}) != len(values):  # one directory per lambda
