@@ -65,6 +65,9 @@ def analyze(
     DIR/erank_base_vs_instruct.png (paper Fig. 1), DIR/erank_ratio_hist.png (Fig. 2)
     and DIR/k_per_layer.png; prints a summary table (or JSON with --format json).
     """
+    from mergekit_timber.tools import require
+
+    require("analyze", "tools")  # before any work: the plots need matplotlib
     from mergekit_timber.tools import analysis as an
     from mergekit_timber.errors import TimberError
     from mergekit_timber.method.kernel import HeadRule

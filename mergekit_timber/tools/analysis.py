@@ -59,6 +59,7 @@ from mergekit_timber.method.kernel import (
 )
 from mergekit_timber.method import layout
 from mergekit_timber.method.parameters import LAMBDA
+from mergekit_timber.tools import require
 from mergekit_timber.integration.finite import check_finite
 
 # Columns of erank.csv, in order, with their meaning (shown by `mergekit-timber analyze
@@ -606,6 +607,7 @@ def run(
     refine_embeddings: bool = True,
 ) -> Analysis:
     """Analyze a pair and write erank.csv, summary.json and the three plots to `out_dir`."""
+    require("analyze", "tools")  # the plots: before reading a tensor
     dtype = getattr(torch, out_dtype) if out_dtype else None  # a name of checkpoint.DTYPES
     base = Checkpoint(resolve_model(base_ref, "base"), "base")
     instruct = Checkpoint(resolve_model(instruct_ref, "instruct"), "instruct")

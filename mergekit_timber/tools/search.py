@@ -32,8 +32,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from mergekit_timber.errors import TimberConfigError, TimberError
 from mergekit_timber.tools.search_eval import EvalJob, Sampling, evaluate, finished, model_fingerprint
 from mergekit_timber.tools.sweep import load_sweep_config, output_name, run_sweep
+from mergekit_timber.tools import require
 
-EXTRA_HINT = "pip install 'mergekit-timber[search]'"
 BOOTSTRAP_SEED = 0  # as `mergekit-timber passk`'s default
 SWEEP_RECORD = "sweep-record.json"  # OUT/models/: which recipe made each lambda's output
 # Variables a worker needs as the command sees them (Hub access, caches, threads).
@@ -74,17 +74,8 @@ class Model:
 
 
 def require_extra() -> None:
-    """One line naming the extra when Ray or lm-eval is missing."""
-    import importlib
-
-    missing = []
-    for name, module in (("ray", "ray"), ("lm-eval", "lm_eval")):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise TimberError(f"mergekit-timber search needs {' and '.join(missing)}: {EXTRA_HINT}")
+    """One line naming the extra when Ray, lm-eval or the plotting tools are missing."""
+    require("search", "search", "tools")
 
 
 def ray_address(option: Optional[str]) -> Optional[str]:
