@@ -2,6 +2,7 @@
 "did you mean" for a misspelt method name in mergekit's CLIs (nothing else changes)."""
 
 import re
+import sys
 
 import pytest
 import yaml
@@ -129,3 +130,21 @@ def test_traceback_flag_and_python_api_keep_the_exception(pair, tmp_path):
 
     with pytest.raises(RuntimeError, match="^Unimplemented merge method timbre$"):
         run_merge(MergeConfiguration.model_validate(_config(pair, "timbre")), str(tmp_path / "api"), options=MergeOptions(quiet=True))
+
+
+def test_parameter_table_command_renders_the_registered_parameters():
+    """`python -m mergekit_timber.tools.params_table` (the README's table) and mergekit's
+    specs come from one definition: same names, defaults and words."""
+    from mergekit.merge_methods import registry
+
+    import mergekit_timber.method.adapter  # noqa: F401 - registers the methods
+
+    text = run_cli(sys.executable, "-m", "mergekit_timber.tools.params_table").stdout
+    rows = [line.split(" | ") for line in text.splitlines()[2:]]
+    specs = registry._METHODS["timber"].spec.parameters
+    assert [row[0].strip("|` ") for row in rows] == [spec.name for spec in specs]
+    for row, spec in zip(rows, specs):
+        default = "unset" if spec.default is None else str(spec.default).lower()
+        assert row[2].strip("`") == default
+        assert row[3].rstrip(" |").replace("`", "") == spec.description
+    assert [s.name for s in registry._METHODS["timber_l"].spec.parameters] == [spec.name for spec in specs]

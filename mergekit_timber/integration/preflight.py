@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from mergekit_timber.integration import quantized
 from mergekit_timber.errors import TimberConfigError, TimberError, TimberInputError, add_explainer
 from mergekit_timber.errors import TIMBER_METHODS
-from mergekit_timber.integration.recipe import base_model
+from mergekit_timber.integration.recipe import base_model, local_dir
 from mergekit_timber.checkpoint import MERGE_DTYPES
 from mergekit_timber.method.parameters import ENERGY, RANK_RATIO, check_cutoffs
 
@@ -394,7 +394,7 @@ def _local_dir(ref, role: str, options) -> Optional[Path]:
     from mergekit_timber.checkpoint import resolve_model
 
     def fetch() -> str:  # as mergekit fetches it
-        return ref.local_path(cache_dir=options.transformers_cache, ignore_lora=True)
+        return str(local_dir(ref, options))
 
     local = resolve_model(ref.model.path, role, fetch)
     return None if ref.lora else local

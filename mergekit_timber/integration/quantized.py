@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, 
 
 from mergekit_timber.checkpoint import DTYPES, SAFETENSORS_DTYPES, Checkpoint, looks_like_weights
 from mergekit_timber.errors import TimberInputError
+from mergekit_timber.integration.recipe import local_dir
 
 if TYPE_CHECKING:
     import torch
@@ -416,7 +417,7 @@ def block_fp8_models(merge_config, options) -> Dict[Any, Quantization]:
     """The block-FP8 models of a merge (headers only); any other quantized one is refused."""
     found = {}
     for ref in merge_config.referenced_models():
-        directory = Path(ref.local_path(cache_dir=options.transformers_cache, ignore_lora=True))
+        directory = local_dir(ref, options)
         if not any(directory.glob("*.safetensors")):
             continue
         with Checkpoint(directory, "model") as checkpoint:
