@@ -100,7 +100,7 @@ def layer_tensors(case: str, reduced: bool, device: torch.device, seed: int) -> 
         if reduced:
             experts, h, width = {"qwen3_30b": (16, 256, 96), "deepseek": (32, 384, 128)}[case]
         shapes = {"mlp.experts.gate_up_proj": (experts, 2 * width, h), "mlp.experts.down_proj": (experts, h, width)}
-        # Qwen3-MoE's layout (DeepSeek-V3's experts are read the same way: layout.LAYOUTS).
+        # Qwen3-MoE's layout (DeepSeek-V3's experts are read the same way: layout.converted_layout).
         arch = layout.architecture_of({"model_type": "qwen3_moe", "hidden_size": h})
         what = f"{experts} experts, hidden {h}, expert width {width}"
     base, instruct = {}, {}

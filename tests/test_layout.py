@@ -80,3 +80,18 @@ def test_analyze_runs_without_mergekits_merge_machinery(tmp_path):
     machinery = {"mergekit.merge", "mergekit.merge_methods", "mergekit.merge_methods.registry",
                  "mergekit.plan", "mergekit_timber.method.adapter", "mergekit_timber.integration.seam"}
     assert not machinery & modules, sorted(machinery & modules)
+
+
+def test_expert_layouts_come_from_transformers_where_it_has_them():
+    """One table per concept: transformers' conversion mapping gives the stacked layout of
+    the per-expert checkpoints; our own table holds only the model types it does not cover."""
+    from mergekit_timber.method import layout
+
+    for model_type in ("qwen3_moe", "mixtral", "deepseek_v3", "jamba", "lfm2_moe"):
+        assert layout.converted_layout(model_type) == layout._STACKED_EXPERTS, model_type
+    covered = [t for t in layout.LAYOUTS if layout.converted_layout(t)]
+    assert not covered, covered
+    assert layout.converted_layout("llama") == () and layout.converted_layout(None) == ()
+    split = layout.split("model.layers.0.mlp.experts.gate_up_proj", (4, 32, 16),
+                         layout.Architecture("qwen3_moe", hidden_size=16))
+    assert split.experts.parts == ("gate_proj", "up_proj") and split.experts.fused_axis == 1
