@@ -117,6 +117,13 @@ def resolve_model(ref: str, role: str, fetch: Optional[Callable[[], str]] = None
         ) from None
 
 
+def local_dir(ref, options) -> Path:
+    """A merge's model (a mergekit ModelReference) as a local directory, found as mergekit
+    finds it (a Hub id is fetched into its cache): the lookup of the seam, preflight (which
+    words its failures through resolve_model) and the block-FP8 check."""
+    return Path(ref.local_path(cache_dir=options.transformers_cache, ignore_lora=True))
+
+
 class Checkpoint:
     """Lazy, tensor-at-a-time access to a safetensors model directory."""
 

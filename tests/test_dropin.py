@@ -293,7 +293,7 @@ def test_a_broken_seam_leaves_mergekit_alone_and_refuses_timber(pair, tmp_path):
         "import sys\n"
         "sys.modules['mergekit_timber.integration.seam'] = None  # importing it now raises ImportError\n"
         "import mergekit.merge as m\n"
-        "from mergekit_timber import guard\n"
+        "from mergekit_timber.integration import guard\n"
         "from mergekit.config import MergeConfiguration\n"
         "from mergekit.options import MergeOptions\n"
         f"config = MergeConfiguration.model_validate({timber_config(base, instruct)!r})\n"

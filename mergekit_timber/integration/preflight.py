@@ -39,8 +39,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from mergekit_timber.integration import quantized
 from mergekit_timber.errors import TimberConfigError, TimberError, TimberInputError, add_explainer
 from mergekit_timber.errors import TIMBER_METHODS
-from mergekit_timber.integration.recipe import base_model, local_dir
-from mergekit_timber.checkpoint import MERGE_DTYPES
+from mergekit_timber.integration.recipe import base_model
+from mergekit_timber.checkpoint import MERGE_DTYPES, local_dir
 from mergekit_timber.method.parameters import ENERGY, RANK_RATIO, check_cutoffs
 
 LOG = logging.getLogger(__name__)

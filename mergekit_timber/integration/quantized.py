@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from mergekit_timber.checkpoint import DTYPES, SAFETENSORS_DTYPES, Checkpoint, looks_like_weights
+from mergekit_timber.checkpoint import DTYPES, SAFETENSORS_DTYPES, Checkpoint, local_dir, looks_like_weights
 from mergekit_timber.errors import TimberInputError
-from mergekit_timber.integration.recipe import local_dir
 
 if TYPE_CHECKING:
     import torch

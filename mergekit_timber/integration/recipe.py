@@ -6,7 +6,6 @@ inside `modules:`), as mergekit's planner reads it (a slice's own base_model win
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
 from mergekit_timber.errors import TimberInputError, is_timber_method
@@ -20,13 +19,6 @@ def timber_method(config):
 
     method = registry._METHODS.get(getattr(config, "merge_method", None) or "")
     return method if isinstance(method, TimberMerge) else None
-
-
-def local_dir(ref, options) -> Path:
-    """A recipe model's local directory, found as mergekit finds it (a Hub id is fetched
-    into its cache). The one lookup of a merge's models: preflight words its failures
-    through checkpoint.resolve_model, analyze (no mergekit) uses that alone."""
-    return Path(ref.local_path(cache_dir=options.transformers_cache, ignore_lora=True))
 
 
 def is_timber(config) -> bool:

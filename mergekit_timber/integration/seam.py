@@ -26,7 +26,8 @@ from mergekit_timber.integration import dropin, finite, guard, hub_layout, prefl
 from mergekit_timber.integration.card import has_tokenizer, mergekit_makes_tokenizer, model_card
 from mergekit_timber.errors import NonFiniteInput, TimberOutputError
 from mergekit_timber.integration.output_dir import OutputDir, describe, writing_into
-from mergekit_timber.integration.recipe import base_model, instruct_model, is_timber, local_dir, with_instruct_as_donor
+from mergekit_timber.checkpoint import local_dir
+from mergekit_timber.integration.recipe import base_model, instruct_model, is_timber, with_instruct_as_donor
 
 LOG = logging.getLogger(__name__)
 
