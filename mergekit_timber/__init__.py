@@ -2,7 +2,7 @@
 
 Importing this package is cheap (no torch, no mergekit): it makes sure that `timber` and
 `timber_l` are registered with mergekit as soon as mergekit's method registry is
-imported (or right away if it already is). See mergekit_timber/_hook.py.
+imported (or right away if it already is). See mergekit_timber/integration/_hook.py.
 """
 
 PAPER_URL = "https://arxiv.org/abs/2509.23595"
@@ -21,4 +21,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-from mergekit_timber import _hook  # noqa: E402,F401 - installs the import hook
+from mergekit_timber.integration import _hook  # noqa: E402,F401 - installs the import hook

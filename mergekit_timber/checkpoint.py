@@ -19,14 +19,65 @@ from mergekit_timber.errors import TimberInputError
 if TYPE_CHECKING:  # torch is imported by safetensors when a tensor is read
     import torch
 
+# Every safetensors dtype a checkpoint may hold: header tag -> (bytes per element, torch
+# name, whether it holds weight values). The one dtype table; the names below are views of it.
+SAFETENSORS_DTYPES: Dict[str, Tuple[int, str, bool]] = {
+    "F64": (8, "float64", True), "F32": (4, "float32", True), "F16": (2, "float16", True),
+    "BF16": (2, "bfloat16", True), "F8_E4M3": (1, "float8_e4m3fn", True),
+    "F8_E5M2": (1, "float8_e5m2", True), "F8_E8M0": (1, "float8_e8m0fnu", False),  # scales only
+    "I64": (8, "int64", False), "I32": (4, "int32", False), "I16": (2, "int16", False),
+    "I8": (1, "int8", False), "U8": (1, "uint8", False), "U16": (2, "uint16", False),
+    "U32": (4, "uint32", False), "U64": (8, "uint64", False), "BOOL": (1, "bool", False),
+}  # fmt: skip
+# Tags of floating weight values (what layout may refine).
+FLOATING_TAGS = frozenset(tag for tag, (_, _, values) in SAFETENSORS_DTYPES.items() if values)
+# The dtypes mergekit computes in (its dtype_from_name): name -> tag.
+MERGE_DTYPES: Dict[str, str] = {
+    name: tag for tag, (size, name, values) in SAFETENSORS_DTYPES.items() if values and size >= 2
+}
 # The floating dtypes checkpoints are written in here: name (as config.json, mergekit's
-# dtype:/out_dtype: and torch spell it) -> safetensors header tag. The one such table.
-DTYPES: Dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# dtype:/out_dtype: and torch spell it) -> safetensors header tag.
+DTYPES: Dict[str, str] = {name: MERGE_DTYPES[name] for name in ("bfloat16", "float16", "float32")}
 
 
 def dtype_name(dtype: "torch.dtype") -> str:
     """torch.bfloat16 -> "bfloat16" (torch.<name> is the dtype of a name in DTYPES)."""
     return str(dtype).replace("torch.", "")
+
+# The files of a model folder by kind: the one such table (output_dir, dropin, card and
+# the dequantizer read it). Weight shards and indexes as mergekit's TensorWriter and
+# transformers' save_pretrained name them:
+WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # any checkpoint's shards, whatever their names
+GENERATION_CONFIG = "generation_config.json"
+# mergekit's tokenizer copy (merge._copy_tokenizer) copies these from the donor, byte for
+# byte (and GENERATION_CONFIG).
+MERGEKIT_TOKENIZER_COPY = (
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+    "added_tokens.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "video_preprocessor_config.json",
+)  # fmt: skip
+# Files any tokenizer saved by transformers leaves: one of them is a tokenizer to copy.
+TOKENIZER_CORE = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# The other files of a model output: config, generation config, tokenizer and chat
+# template, mergekit's tagalong files, the recipe (README.md, the card, apart).
+MODEL_FILES = frozenset((
+    "config.json", GENERATION_CONFIG, *MERGEKIT_TOKENIZER_COPY, *TOKENIZER_CORE,
+    "preprocessor_config.json", "mergekit_config.yml",
+))  # fmt: skip
+MODEL_FOLDERS = frozenset(("additional_chat_templates",))  # transformers 5 tokenizer saves
+
+
+def is_weight_file(name: str) -> bool:
+    """A weight shard or shard index as mergekit writes it, by file name."""
+    return bool(WEIGHT_FILE.match(name)) or name in INDEX_FILES
+
+
+def looks_like_weights(name: str) -> bool:
+    """Any checkpoint's weight shard or shard index, by suffix."""
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(tuple(s + ".index.json" for s in WEIGHT_SUFFIXES))
+
 
 # What the Hub accepts as a repo id: org/name.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -64,6 +115,13 @@ def resolve_model(ref: str, role: str, fetch: Optional[Callable[[], str]] = None
             f"{role} {ref!r} is not a local directory ({path.absolute()} does not exist) and the "
             f"Hugging Face Hub could not provide it as a repo id: {type(exc).__name__}: {reason}"
         ) from None
+
+
+def local_dir(ref, options) -> Path:
+    """A merge's model (a mergekit ModelReference) as a local directory, found as mergekit
+    finds it (a Hub id is fetched into its cache): the lookup of the seam, preflight (which
+    words its failures through resolve_model) and the block-FP8 check."""
+    return Path(ref.local_path(cache_dir=options.transformers_cache, ignore_lora=True))
 
 
 class Checkpoint:

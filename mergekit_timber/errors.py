@@ -19,7 +19,7 @@ class TimberInputError(TimberError, ValueError):
 
 
 class NonFiniteInput(TimberInputError):
-    """An input tensor holds NaN/Inf as the merge method received it (mergekit_timber.finite
+    """An input tensor holds NaN/Inf as the merge method received it (mergekit_timber.integration.finite
     tells whether the model's file or the recipe's `dtype:` cast put it there)."""
 
     def __init__(self, message: str, *, tensor: str, which: str, count: int, dtype: str):
@@ -30,6 +30,9 @@ class NonFiniteInput(TimberInputError):
 class TimberOutputError(TimberError):
     """The output directory cannot be written as asked, or a write or copy step failed."""
 
+
+# How every one-line error of mergekit-timber starts (the excepthook, the CLI's own errors).
+ERROR_PREFIX = "mergekit-timber: error: "
 
 # The console scripts whose uncaught TimberErrors print as one line.
 CLI_PROGRAMS = ("mergekit-yaml", "mergekit-multi", "mergekit-timber")
@@ -63,6 +66,11 @@ def add_explainer(explain) -> None:
 TIMBER_METHODS = ("timber", "timber_l")
 SWEEP_METHOD_PREFIX = "timber-sweep-"
 _UNKNOWN_METHOD = "Unimplemented merge method "
+
+
+def is_timber_method(name) -> bool:
+    """Whether a merge_method name is one of ours: the one answer to "is this a Timber merge?"."""
+    return isinstance(name, str) and (name in TIMBER_METHODS or name.startswith(SWEEP_METHOD_PREFIX))
 
 
 def explain_unknown_method(error, trace):
@@ -120,7 +128,7 @@ def install_excepthook() -> None:
                 break
         if cause is None or flag("MERGEKIT_TIMBER_TRACEBACK"):
             return previous(kind, error, trace)
-        print(f"mergekit-timber: error: {cause}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{cause}", file=sys.stderr)
 
     hook._mergekit_timber = True
     sys.excepthook = hook

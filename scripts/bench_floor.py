@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mergekit_timber import kernel, layout
+from mergekit_timber.method import kernel, layout
 from mergekit_timber.checkpoint import Checkpoint
 
 

@@ -6,11 +6,11 @@ whatever the number of experts.
     python scripts/bench_memory.py [--experts 32,128] [--budget 64M] [--workdir DIR | --keep] [-o docs/bench_memory.md]
 
 Pairs: Qwen3-MoE-shaped (qwen3_moe), 2 layers, hidden 512, expert width 256, vocab
-1024, E experts (mergekit_timber.testing.synthetic). Per pair, each in its own process
+1024, E experts (pairs.synthetic). Per pair, each in its own process
 under /usr/bin/time -v (scripts/benchmark.py: measure): `linear` (weights 0.8/0.2),
 Timber with MERGEKIT_TIMBER_MEMORY_BUDGET=BUDGET, and Timber with the default budget.
 Beside each: the kernel's predicted scratch peak for the largest stack
-(mergekit_timber.kernel.plan_batches, as refine_stack calls it on the host). Pairs and
+(mergekit_timber.method.kernel.plan_batches, as refine_stack calls it on the host). Pairs and
 outputs go to a temporary folder removed at the end unless --keep; a --workdir is kept
 (its pairs, outputs and logs are rebuilt on each run).
 """
@@ -28,8 +28,8 @@ import yaml
 from benchmark import measure, scratch_workdir  # scripts/ is on sys.path when this file runs
 import torch
 
-from mergekit_timber.kernel import CHUNK_BYTES, memory_budget, parse_bytes, plan_batches
-from mergekit_timber.testing.synthetic import write_pair, write_timber_yaml
+from mergekit_timber.method.kernel import CHUNK_BYTES, memory_budget, parse_bytes, plan_batches
+from pairs.synthetic import write_pair, write_timber_yaml
 
 BIN = Path(sys.executable).parent
 SHAPE = dict(arch="qwen3_moe", layers=2, hidden=512, moe_intermediate=256, vocab=1024, heads=4, kv_heads=2, head_dim=64)

@@ -19,7 +19,7 @@ import torch
 from scipy.linalg import blas, lapack
 
 from bench_routes import openblas_threads
-from mergekit_timber.kernel import delta_gram
+from mergekit_timber.method.kernel import delta_gram
 
 ROWS = []
 

@@ -12,7 +12,7 @@ published, the size of the output and the bytes the merge process wrote (`wchar`
 depend on the machine's load. Staging inside the output and publishing by rename writes
 each byte once: written/output is about 1; a copy of the staged weights would make it 2
 or more. The wall time and the time publication took (the renames:
-mergekit_timber.output_dir's log line) are printed below the table, for information.
+mergekit_timber.integration.output_dir's log line) are printed below the table, for information.
 """
 
 from __future__ import annotations

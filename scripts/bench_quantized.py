@@ -6,7 +6,7 @@ its dequantized bf16 pair, and `mergekit-timber dequantize` of one model.
 
 The pair is Qwen3-0.6B-shaped (hidden 1024, intermediate 3072, 16/8 heads of 128; vocab
 8192 to keep it small), written in block-FP8 as DeepSeek-V3 is (128x128 blocks,
-mergekit_timber.testing.quantized_pairs). Each job runs in its own process under
+pairs.quantized_pairs). Each job runs in its own process under
 /usr/bin/time -v (scripts/benchmark.py: measure). Writes a markdown table to --out and
 counts the elements where the two merges differ: the FP8 merge reads the exact float32
 values and rounds once, the other merge starts from weights already rounded to bf16.
@@ -25,8 +25,8 @@ import torch
 
 from benchmark import measure, scratch_workdir  # scripts/ is on sys.path when this file runs
 from mergekit_timber.checkpoint import Checkpoint
-from mergekit_timber.testing.quantized_pairs import write_block_fp8
-from mergekit_timber.testing.synthetic import QWEN3_0_6B_SHAPE, write_pair, write_timber_yaml
+from pairs.quantized_pairs import write_block_fp8
+from pairs.synthetic import QWEN3_0_6B_SHAPE, write_pair, write_timber_yaml
 
 BIN = Path(sys.executable).parent
 

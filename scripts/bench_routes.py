@@ -1,7 +1,7 @@
 """Candidate kernel routes timed by scripts/benchmark.py against the float64-SVD oracle.
 
 Each route computes Timber on one [m, n] matrix and returns (W_out in float64, K).
-`kernel` is what the merge runs (mergekit_timber.kernel); the others are the
+`kernel` is what the merge runs (mergekit_timber.method.kernel); the others are the
 alternatives measured and rejected (see docs/speed_and_memory.md). A SciPy
 tridiagonal route (dsytrd + dstevd + partial back-transform) was measured too: equal
 end to end (70.8 s vs 72.1 s for 28 layers, bit-identical output), so it was removed.
@@ -17,7 +17,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-from mergekit_timber.kernel import as_tall, refine_stack, singular_from_eigenvalues
+from mergekit_timber.method.kernel import as_tall, refine_stack, singular_from_eigenvalues
 from naive_timber import erank_k  # the baseline's K = ceil(eRank) (scripts/ is on sys.path)
 
 try:  # SciPy is optional: the `evr` route and some micro-benchmarks need it

@@ -44,8 +44,8 @@ def find_pair(given: Path | None, out: Path) -> Path:
 
 
 def request_for(work: Path, threads: int, workers: int):
-    from mergekit_timber.search import SearchRequest
-    from mergekit_timber.search_eval import Sampling
+    from mergekit_timber.tools.search import SearchRequest
+    from mergekit_timber.tools.search_eval import Sampling
 
     return SearchRequest(
         recipe=work / "timber.yml", out=work / "out", lambdas=LAMBDAS, tasks=("toy_sums",),
@@ -60,9 +60,9 @@ def one_run(kind: str, work: Path) -> None:
     """In a child process: the search, or the same work one after another without Ray."""
     from mergekit.options import MergeOptions
 
-    from mergekit_timber import search
-    from mergekit_timber.search_eval import evaluate
-    from mergekit_timber.search_report import report
+    from mergekit_timber.tools import search
+    from mergekit_timber.tools.search_eval import evaluate
+    from mergekit_timber.tools.search_report import report
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

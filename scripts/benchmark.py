@@ -6,7 +6,7 @@
         [--llama none|layers|full] [--no-profile] [--no-micro] [--readme-out PATH]
 
 Sections (all on the same synthetic Qwen3-0.6B-shaped pair, built and cached in
-WORKDIR/pairs by mergekit_timber.testing.synthetic):
+WORKDIR/pairs by pairs.synthetic):
 
 1. Kernel routes (scripts/bench_routes.py): every candidate way of computing Timber
    on one matrix, timed and compared with the float64-SVD oracle (deviation = ||out - oracle||_F /
@@ -163,7 +163,7 @@ def scratch_workdir(workdir: Optional[Path], keep: bool, prefix: str) -> Iterato
 
 
 def ensure_pair(workdir: Path, layers: int, tiny: bool = False) -> Tuple[Path, Path]:
-    from mergekit_timber.testing.synthetic import QWEN3_0_6B_SHAPE, write_pair
+    from pairs.synthetic import QWEN3_0_6B_SHAPE, write_pair
 
     # tiny: write_pair's default (toy) shapes, for smoke tests of the script itself
     kwargs = dict(layers=layers) if tiny else dict(QWEN3_0_6B_SHAPE, layers=layers)
@@ -188,7 +188,7 @@ def open_pair_tensor(model_dir: Path, name: str) -> torch.Tensor:
 
 
 def decay_pair(m: int, n: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """bf16 (base, instruct) with the same 'decay' delta recipe as mergekit_timber.testing.synthetic:
+    """bf16 (base, instruct) with the same 'decay' delta recipe as pairs.synthetic:
     a rank-min(m,n,128) part with singular values ~1/sqrt(i), a full-rank Gaussian tail of
     0.25 of its norm, scaled to 0.02 of ||W_base||_F."""
     g = torch.Generator().manual_seed(seed)
@@ -613,7 +613,7 @@ def rusage_wrapper(stats: str, cmd: List[str]) -> int:
 
 
 def write_yaml(path: Path, base: Path, inst: Path) -> Path:
-    from mergekit_timber.testing.synthetic import write_timber_yaml
+    from pairs.synthetic import write_timber_yaml
 
     return write_timber_yaml(path, base, inst, method="timber", lambda_=LAMBDA)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from mergekit_timber.checkpoint import Checkpoint
-from mergekit_timber.kernel import refine_matrix
-from mergekit_timber.testing.synthetic import write_pair, write_timber_yaml
+from mergekit_timber.method.kernel import refine_matrix
+from pairs.synthetic import write_pair, write_timber_yaml
 
 BIN = Path(sys.executable).parent
 

@@ -10,7 +10,7 @@ Cases (--reduced: the same cases at toy sizes, so that the script is proven on a
    on --device, Timber on the CPU, `linear` on --device;
 2. one Llama-3.1-8B-shaped layer (q, k, v, o, gate, up, down), 3. the expert tensors of
    one Qwen3-30B-A3B-shaped MoE layer and 4. of one DeepSeek-V3-shaped MoE layer under
-   the memory budget: the method (mergekit_timber.method.refine_tensor: layout split and
+   the memory budget: the method (mergekit_timber.method.adapter.refine_tensor: layout split and
    kernel) on --device, the same on the CPU, and mergekit's `linear` method on --device
    (the same direct call mergekit's executor makes). On MoE layers the CPU runs the first
    --cpu-experts experts and its time is scaled to all of them (said in the table).
@@ -35,8 +35,8 @@ import torch
 
 from benchmark import LLAMA_3_1_8B, ensure_pair  # scripts/ is on sys.path when this file runs
 from bench_memory import write_linear_yaml
-from mergekit_timber import kernel, layout
-from mergekit_timber.method import refine_tensor
+from mergekit_timber.method import kernel, layout
+from mergekit_timber.method.adapter import refine_tensor
 
 LAMBDA = 0.2
 GB = 1e9
@@ -100,7 +100,7 @@ def layer_tensors(case: str, reduced: bool, device: torch.device, seed: int) -> 
         if reduced:
             experts, h, width = {"qwen3_30b": (16, 256, 96), "deepseek": (32, 384, 128)}[case]
         shapes = {"mlp.experts.gate_up_proj": (experts, 2 * width, h), "mlp.experts.down_proj": (experts, h, width)}
-        # Qwen3-MoE's layout (DeepSeek-V3's experts are read the same way: layout.LAYOUTS).
+        # Qwen3-MoE's layout (DeepSeek-V3's experts are read the same way: layout.converted_layout).
         arch = layout.architecture_of({"model_type": "qwen3_moe", "hidden_size": h})
         what = f"{experts} experts, hidden {h}, expert width {width}"
     base, instruct = {}, {}
@@ -151,7 +151,7 @@ def pair_case(args, device: torch.device) -> dict:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from mergekit_timber.testing.synthetic import write_timber_yaml
+    from pairs.synthetic import write_timber_yaml
     import yaml
 
     layers = 2 if args.reduced else 28

@@ -1,16 +1,14 @@
-#!/usr/bin/env python
-"""Build the README's local Base/Instruct pair (random weights, a real pair's files) and,
-with --yaml, a Timber recipe for it.
+"""Build a local Base/Instruct pair (and a Timber YAML for it) that mergekit can merge.
 
     python scripts/make_pair.py pair/ --arch qwen3 --layers 2 --yaml timber-local.yml
 
-Provisional: it runs the synthetic pair builder's own command line with the same
-arguments (`--help` lists them).
+Prints the base and instruct directories; `--help` lists the shapes and options
+(scripts/pairs/synthetic.py builds them).
 """
 
 import sys
 
-from mergekit_timber.testing.synthetic import main
+from pairs.synthetic import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,9 +6,9 @@
 For each model's stacked expert tensors (gate_up [E, 2I, H] split into its gate and up
 stacks, down [E, H, I]), what mergekit holds (both inputs and the output in bf16), and
 what the kernel adds under two budgets: the free memory of an 80 GB GPU once mergekit's
-inputs and output are on it (mergekit_timber.kernel.memory_budget takes 90% of it), and
+inputs and output are on it (mergekit_timber.method.kernel.memory_budget takes 90% of it), and
 a budget set by hand (MERGEKIT_TIMBER_MEMORY_BUDGET=8GiB). The planner is
-mergekit_timber.kernel.plan_batches; nothing is allocated.
+mergekit_timber.method.kernel.plan_batches; nothing is allocated.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mergekit_timber.kernel import DEVICE_BUDGET_SHARE, plan_batches
+from mergekit_timber.method.kernel import DEVICE_BUDGET_SHARE, plan_batches
 
 # (label, experts, hidden, expert width)
 MODELS = (

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # answer_check.py beside this script
 from answer_check import CHECKERS  # noqa: E402
-from mergekit_timber.passk import PasskError, read_jsonl
+from mergekit_timber.tools.passk import PasskError, read_jsonl
 
 
 class progress:

@@ -57,8 +57,8 @@ if [ "${MERGEKIT_TIMBER_SETUP_KEEP_INSTALL:-0}" = 1 ]; then
     # re-pointing the venv's editable install at that copy would break it once the copy is gone.
     say "keeping the installed packages (MERGEKIT_TIMBER_SETUP_KEEP_INSTALL=1; this checkout runs from PYTHONPATH)"
 else
-    run_step "installing mergekit-timber (editable) with mergekit 0.1.5, transformers, the test tools and the [search] extra: ray, lm-eval (usually 2-4 min the first time, 10 s after)" \
-        "$VENV/bin/python" -m pip install -e ".[test]"
+    run_step "installing mergekit-timber (editable) with mergekit 0.1.5, transformers, the test tools and the [tools] and [search] extras: matplotlib, ray, lm-eval (usually 2-4 min the first time, 10 s after)" \
+        "$VENV/bin/python" -m pip install -e ".[test,tools]"
 fi
 say "done: $VENV is ready (pip's output: $LOG)"
 # A new shell does not know the venv: say the exact command that makes its tools the ones run.

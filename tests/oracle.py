@@ -1,6 +1,6 @@
 """Timber written straight from the paper (arXiv 2509.23595) with a plain float64 SVD: the test oracle.
 
-Deliberately naive and independent of mergekit_timber.kernel: full SVD, U S' V^T.
+Deliberately naive and independent of mergekit_timber.method.kernel: full SVD, U S' V^T.
 """
 
 import math

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from helpers import load_dir, run_cli
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 from oracle import erank, head_k, timber_matrix
 
 PLOTS = ("erank_base_vs_instruct.png", "erank_ratio_hist.png", "k_per_layer.png")
@@ -192,7 +192,7 @@ def test_llama_csv_plots_and_table_match_the_oracle(pairs, tmp_path):
 
 def test_realized_edit_is_what_the_merge_kernel_writes(pairs, tmp_path):
     """changed_fraction counts exactly the elements the kernel's bf16 output changes."""
-    from mergekit_timber.method import refine_tensor
+    from mergekit_timber.method.adapter import refine_tensor
 
     base_dir, instruct_dir = pairs["llama"]
     out = tmp_path / "a"
@@ -239,7 +239,7 @@ def test_moe_one_row_per_expert_and_projection(pairs, tmp_path):
 
 
 def rows_of(pair):
-    from mergekit_timber import analysis as an
+    from mergekit_timber.tools import analysis as an
 
     base, instruct = an.Checkpoint(pair[0], "base"), an.Checkpoint(pair[1], "instruct")
     try:
@@ -272,7 +272,7 @@ def test_sharded_checkpoint_reads_like_a_single_file(pairs):
 
 
 def test_help_lists_the_csv_columns():
-    from mergekit_timber.analysis import COLUMNS
+    from mergekit_timber.tools.analysis import COLUMNS
 
     result = invoke("--help")
     assert result.exit_code == 0
@@ -335,7 +335,7 @@ def test_console_script_json(pairs, tmp_path):
 def _one_line_error(result):
     assert result.exit_code == 1, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("mergekit-timber: error: "), result.stderr
     return lines[0]
 
 

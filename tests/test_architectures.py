@@ -6,7 +6,7 @@ eRank means something), merged by the unmodified ``mergekit-yaml`` with ``timber
 and the output is compared with an oracle that decomposes the linear maps the
 forward pass uses: ``forward_maps`` below slices each parameter as the model class's
 forward does (read from transformers 5's modeling_<type>.py), independently of
-mergekit_timber.layout. The output must also store exactly the Instruct checkpoint's
+mergekit_timber.method.layout. The output must also store exactly the Instruct checkpoint's
 tensor names, shapes and dtypes (transformers' save_pretrained writes the Hub layout:
 per-expert Qwen3-MoE, GLM-4-MoE and Mixtral experts, Mixtral's block_sparse_moe, stacked
 Llama 4 and Granite experts), load with no missing or unexpected keys and run a finite
@@ -206,7 +206,7 @@ def test_timber_splits_what_the_forward_uses(arch, tmp_path):
 
 
 def test_unknown_layout_stops_with_one_line_naming_tensor_and_shape():
-    from mergekit_timber import layout
+    from mergekit_timber.method import layout
     from mergekit_timber.errors import TimberInputError
 
     arch = layout.Architecture(model_type="jetmoe", hidden_size=32)
@@ -245,7 +245,7 @@ def test_unknown_layout_stops_the_merge(tmp_path):
     ("_DOWN_ROWS", (3, 5, 4)),
 ])
 def test_split_and_restore_are_inverse_and_slice_like_the_forward(layout_name, shape):
-    from mergekit_timber import layout
+    from mergekit_timber.method import layout
 
     experts = getattr(layout, layout_name)
     split = layout.Split(True, experts.describe(), experts)
@@ -269,7 +269,7 @@ def test_analyze_uses_the_same_split(arch, tmp_path):
     """analyze reads checkpoints as stored (per-expert Hub tensors, Granite's input_linear,
     Llama 4's [E, H, 2I]) and gives one row per linear map of the forward, as the merge;
     every row is labelled with the Instruct checkpoint's own tensor name and expert."""
-    from mergekit_timber import analysis as an
+    from mergekit_timber.tools import analysis as an
     from oracle import erank
 
     cls, base_dir, instruct_dir = build_pair(arch, tmp_path)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_floor.py"
 

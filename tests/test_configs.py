@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import mergekit_timber  # noqa: F401 - registers timber / timber_l with mergekit
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yml")) + sorted(CONFIGS.glob("*.yaml"))

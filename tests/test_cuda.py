@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from helpers import base_config, cli, load_dir, run_cli, write_yaml
-from mergekit_timber import kernel
-from mergekit_timber.kernel import HeadRule, refine_stack
-from mergekit_timber.testing.synthetic import write_pair
+from mergekit_timber.method import kernel
+from mergekit_timber.method.kernel import HeadRule, refine_stack
+from pairs.synthetic import write_pair
 from oracle import timber_matrix
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the device tests need a GPU")
@@ -128,7 +128,7 @@ def test_moe_merge_in_several_batches_on_the_device(tmp_path):
 
 
 def test_fp8_inputs_on_the_device(tmp_path):
-    from mergekit_timber.testing.quantized_pairs import write_block_fp8
+    from pairs.quantized_pairs import write_block_fp8
 
     base, instruct = write_pair(tmp_path / "pair", hidden=256, intermediate=512, layers=1, seed=9)
     fp8 = [write_block_fp8(m, tmp_path / "fp8" / m.name) for m in (base, instruct)]

@@ -1,6 +1,6 @@
 """Every tensor the method makes lives on the inputs' device: proven on the CPU.
 
-The inputs are wrapped as tensors of another device (mergekit_timber.testing.fake_device):
+The inputs are wrapped as tensors of another device (pairs.fake_device):
 values stay real, and any host tensor the kernel or the adapter creates or mixes in on
 the way fails the test, as it would crash (or silently run on the host) under --cuda.
 Each result is also compared with the same merge on plain CPU tensors.
@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from helpers import load_dir
-from mergekit_timber import finite, kernel
-from mergekit_timber.testing.fake_device import HostTensorOnDevicePath, fake_device, to_device, to_host
-from mergekit_timber.testing.synthetic import write_pair
+from mergekit_timber.integration import finite
+from mergekit_timber.method import kernel
+from pairs.fake_device import HostTensorOnDevicePath, fake_device, to_device, to_host
+from pairs.synthetic import write_pair
 
 RULES = [{}, {"rank_ratio": 0.3}, {"energy": 0.9}]
 
@@ -40,7 +41,7 @@ def _group(base_dir, instruct_dir, name, base, instruct):
 
 def _method(extra_lambdas=(), sink=None):
     import mergekit_timber
-    from mergekit_timber.method import TimberMerge
+    from mergekit_timber.method.adapter import TimberMerge
 
     return TimberMerge("timber", tail_removed=False, version=mergekit_timber.__version__,
                        extra_lambdas=extra_lambdas, sink=sink)
@@ -72,7 +73,7 @@ def test_sweep_on_a_device_hands_host_tensors_to_the_writers(moe_pair, tmp_path)
     """Extra lambdas: each output leaves the device before mergekit's writer holds it."""
     from mergekit.io.tensor_writer import TensorWriter
 
-    from mergekit_timber.sweep import SweepSession
+    from mergekit_timber.tools.sweep import SweepSession
 
     base_dir, base, instruct_dir, instruct = moe_pair
     extra = (0.0, 0.5, 0.8)
@@ -99,7 +100,7 @@ def test_finite_check_on_a_device():
     with fake_device():
         assert finite.count_nonfinite(to_device(t)) == 1
         with pytest.raises(Exception, match="1 NaN/Inf"):
-            from mergekit_timber.method import check_finite
+            from mergekit_timber.integration.finite import check_finite
 
             check_finite("w", "base", to_device(t))
 
@@ -112,7 +113,7 @@ def test_the_check_catches_a_host_tensor():
 
 
 def test_fp8_and_mxfp4_dequantize_on_the_inputs_device():
-    from mergekit_timber.quantized import dequantize_block_fp8, dequantize_mxfp4
+    from mergekit_timber.integration.quantized import dequantize_block_fp8, dequantize_mxfp4
 
     g = torch.Generator().manual_seed(2)
     code = (torch.randn(300, 200, generator=g) * 50).to(torch.float8_e4m3fn)

@@ -2,12 +2,13 @@
 "did you mean" for a misspelt method name in mergekit's CLIs (nothing else changes)."""
 
 import re
+import sys
 
 import pytest
 import yaml
 
 from helpers import run_cli, write_yaml
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 
 
 @pytest.fixture(scope="module")
@@ -16,14 +17,21 @@ def pair(tmp_path_factory):
 
 
 def test_help_names_methods_parameters_and_a_recipe():
-    from mergekit_timber import method
+    from mergekit.merge_methods import registry
+
+    import mergekit_timber.method.adapter  # noqa: F401 - registers the methods
 
     text = run_cli("mergekit-timber", "--help").stdout
     for name in ("timber", "timber_l", "recipe", "analyze", "sweep", "passk"):
         assert re.search(rf"\b{name}\b", text), name
-    for spec in method._parameters(with_lambda=True):
-        assert re.search(rf"^\s+{spec.name}\s", text, re.M), spec.name
-    assert f"default {method.DEFAULT_LAMBDA}" in text
+    # Every parameter mergekit knows for timber is in the help, with its default and words.
+    for spec in registry._METHODS["timber"].spec.parameters:
+        line = re.search(rf"^\s+{spec.name}\s+(.*)$", text, re.M)
+        assert line, spec.name
+        default = "unset" if spec.default is None else str(spec.default).lower()
+        assert f"default {default}" in line.group(1), (spec.name, line.group(1))
+        words = " ".join(text[line.start():].split())
+        assert " ".join(spec.description.split()) in words, spec.name
     # The recipe shown is a valid mergekit config.
     block = text[text.index("merge_method:") :].split("then:")[0]
     from mergekit.config import MergeConfiguration
@@ -122,3 +130,21 @@ def test_traceback_flag_and_python_api_keep_the_exception(pair, tmp_path):
 
     with pytest.raises(RuntimeError, match="^Unimplemented merge method timbre$"):
         run_merge(MergeConfiguration.model_validate(_config(pair, "timbre")), str(tmp_path / "api"), options=MergeOptions(quiet=True))
+
+
+def test_parameter_table_command_renders_the_registered_parameters():
+    """`python -m mergekit_timber.tools.params_table` (the README's table) and mergekit's
+    specs come from one definition: same names, defaults and words."""
+    from mergekit.merge_methods import registry
+
+    import mergekit_timber.method.adapter  # noqa: F401 - registers the methods
+
+    text = run_cli(sys.executable, "-m", "mergekit_timber.tools.params_table").stdout
+    rows = [line.split(" | ") for line in text.splitlines()[2:]]
+    specs = registry._METHODS["timber"].spec.parameters
+    assert [row[0].strip("|` ") for row in rows] == [spec.name for spec in specs]
+    for row, spec in zip(rows, specs):
+        default = "unset" if spec.default is None else str(spec.default).lower()
+        assert row[2].strip("`") == default
+        assert row[3].rstrip(" |").replace("`", "") == spec.description
+    assert [s.name for s in registry._METHODS["timber_l"].spec.parameters] == [spec.name for spec in specs]

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from helpers import load_dir, run_cli, write_yaml
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -93,7 +93,7 @@ def _in_process(config, out, original=False):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    from mergekit_timber import patches
+    from mergekit_timber.integration import patches
 
     if original:
         patches.undo()
@@ -189,7 +189,7 @@ def test_no_hook_really_excludes_the_seam():
     code = (
         "import sys, mergekit.merge as m, mergekit.scripts.run_yaml as r\n"
         "seam = lambda f: getattr(f, '_timber_seam', False)\n"
-        "print('mergekit_timber.patches' in sys.modules, seam(m.run_merge), seam(r.run_merge), "
+        "print('mergekit_timber.integration.patches' in sys.modules, seam(m.run_merge), seam(r.run_merge), "
         "seam(m._get_donor_model), seam(m._model_out_config), sys.excepthook is sys.__excepthook__)"
     )
     assert _python(code, NO_HOOK).stdout.split() == ["False"] * 5 + ["True"]
@@ -291,9 +291,9 @@ def test_a_broken_seam_leaves_mergekit_alone_and_refuses_timber(pair, tmp_path):
     base, instruct = pair
     code = (
         "import sys\n"
-        "sys.modules['mergekit_timber.seam'] = None  # importing it now raises ImportError\n"
+        "sys.modules['mergekit_timber.integration.seam'] = None  # importing it now raises ImportError\n"
         "import mergekit.merge as m\n"
-        "from mergekit_timber import guard\n"
+        "from mergekit_timber.integration import guard\n"
         "from mergekit.config import MergeConfiguration\n"
         "from mergekit.options import MergeOptions\n"
         f"config = MergeConfiguration.model_validate({timber_config(base, instruct)!r})\n"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import base_config, config_of, load_dir, run_cli, write_yaml
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 from oracle import timber_matrix
 
 ARCHES = ["llama", "qwen3", "qwen3_moe"]

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from helpers import cli, run_cli, write_yaml
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 
 
 @pytest.fixture(scope="module")

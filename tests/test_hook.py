@@ -22,8 +22,8 @@ def py(code, **env):
 
 
 def test_interpreter_start_imports_neither_torch_nor_mergekit():
-    out = py("import sys; print(sorted(m for m in ('torch', 'mergekit', 'mergekit_timber._hook') if m in sys.modules))")
-    assert out.stdout.strip() == "['mergekit_timber._hook']"
+    out = py("import sys; print(sorted(m for m in ('torch', 'mergekit', 'mergekit_timber.integration._hook') if m in sys.modules))")
+    assert out.stdout.strip() == "['mergekit_timber.integration._hook']"
 
 
 def test_plain_mergekit_import_sees_the_methods():
@@ -46,7 +46,7 @@ def test_environment_variable_turns_the_hook_off():
 def test_registering_is_idempotent():
     code = (
         "import mergekit_timber\nfrom mergekit import merge_methods as m\n"
-        "import importlib, mergekit_timber.method as t; importlib.reload(t); t._register(); t._register()\n"
+        "import importlib, mergekit_timber.method.adapter as t; importlib.reload(t); t._register(); t._register()\n"
         "print([x.spec.name for x in m.registered_methods()].count('timber'))"
     )
     assert py(code).stdout.strip() == "1"
@@ -57,15 +57,15 @@ def test_a_failing_registration_is_a_warning_not_a_broken_import():
         "import sys, types\n"
         "class Boom:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'mergekit_timber.method': raise RuntimeError('boom')\n"
-        "import mergekit_timber._hook\n"
+        "        if name == 'mergekit_timber.method.adapter': raise RuntimeError('boom')\n"
+        "import mergekit_timber.integration._hook\n"
         "sys.meta_path.insert(0, Boom())\n"
         "import mergekit.merge_methods as m\n"
         "print('imported', m.get('linear').spec.name)"
     )
     out = py(code)
     assert "imported linear" in out.stdout
-    assert "could not load mergekit_timber.method" in out.stderr and "boom" in out.stderr
+    assert "could not load mergekit_timber.method.adapter" in out.stderr and "boom" in out.stderr
 
 
 def test_wheel_ships_the_pth_file(tmp_path):
@@ -78,15 +78,15 @@ def test_wheel_ships_the_pth_file(tmp_path):
     (wheel,) = tmp_path.glob("mergekit_timber-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "mergekit_timber_hook.pth" in names
-    assert "mergekit_timber/_hook.py" in names
+    assert "mergekit_timber/integration/_hook.py" in names
     pth = zipfile.ZipFile(wheel).read("mergekit_timber_hook.pth").decode()
     assert pth.startswith("import ") and "MERGEKIT_TIMBER_NO_HOOK" in pth
 
 
 @pytest.mark.parametrize(
     "first",
-    ["mergekit_timber.method", "mergekit_timber.sweep",
-     "mergekit_timber.analysis", "mergekit_timber.kernel", "mergekit_timber"],
+    ["mergekit_timber.method.adapter", "mergekit_timber.tools.sweep",
+     "mergekit_timber.tools.analysis", "mergekit_timber.method.kernel", "mergekit_timber"],
 )
 def test_any_import_order_registers_once_without_warning(first):
     # Importing one of our modules that itself imports mergekit fires the hook while
@@ -180,18 +180,18 @@ def _mergekit_names_used():
 
 
 def test_every_mergekit_name_the_package_touches_is_in_the_guard_table():
-    from mergekit_timber import guard
+    from mergekit_timber.integration import guard
 
     used = _mergekit_names_used()
     assert "mergekit.merge_methods.registry._METHODS" in used and "mergekit.card.CARD_TEMPLATE" in used
     missing = {name: where for name, where in used.items() if name not in guard.BY_NAME}
-    assert not missing, f"add these to mergekit_timber.guard.RELIED_ON: {missing}"
+    assert not missing, f"add these to mergekit_timber.integration.guard.RELIED_ON: {missing}"
 
 
 def test_the_installed_mergekit_passes_the_guard_and_is_patched():
     import mergekit.merge as merge
 
-    from mergekit_timber import guard
+    from mergekit_timber.integration import guard
 
     assert guard.check() == []
     assert guard.verdict().problems == () and guard.verdict().verified
@@ -213,7 +213,7 @@ def test_the_installed_mergekit_passes_the_guard_and_is_patched():
     ],
 )
 def test_the_guard_names_what_changed(entry, problem):
-    from mergekit_timber import guard
+    from mergekit_timber.integration import guard
 
     relied = guard.Relied(*entry)
     guard.BY_NAME[relied.where], saved = relied, guard.BY_NAME.get(relied.where)
@@ -228,7 +228,7 @@ def test_the_guard_names_what_changed(entry, problem):
 
 def test_undo_puts_mergekit_back_and_install_patches_again():
     code = (
-        "import mergekit.merge as m, mergekit_timber.patches as p\n"
+        "import mergekit.merge as m, mergekit_timber.integration.patches as p\n"
         "seam = lambda: [getattr(getattr(m, n), '_timber_seam', False) for n in ('run_merge', '_model_out_config', '_get_donor_model')]\n"
         "print(seam()); p.undo(); print(seam(), m.run_merge.__module__); p.install(); print(seam())"
     )

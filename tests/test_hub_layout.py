@@ -10,7 +10,7 @@ import torch
 
 from helpers import load_dir, run_cli, write_yaml
 from mergekit_timber.checkpoint import Checkpoint
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 
 NO_HOOK = {"MERGEKIT_TIMBER_NO_HOOK": "1", "PYTHONHASHSEED": "0"}
 
@@ -165,7 +165,7 @@ def test_other_merges_of_a_moe_pair_stay_byte_identical(moe, tmp_path):
 def test_fused_on_disk_is_written_once_all_its_parts_arrived():
     """hrm_text stores mlp.gate_up_proj.weight, which transformers splits on load: the
     reverse fuses mergekit's gate_proj and up_proj back, written with the second part."""
-    from mergekit_timber.hub_layout import InstructLayout
+    from mergekit_timber.integration.hub_layout import InstructLayout
 
     fused = "model.layers.0.mlp.gate_up_proj.weight"
     layout = InstructLayout({fused: (8, 3), "model.layers.0.attn.o_proj.weight": (3, 3)}, "hrm_text")
@@ -182,7 +182,7 @@ def test_fused_on_disk_is_written_once_all_its_parts_arrived():
 
 def test_a_reversal_the_instruct_does_not_store_stops_with_one_line():
     from mergekit_timber.errors import TimberOutputError
-    from mergekit_timber.hub_layout import InstructLayout
+    from mergekit_timber.integration.hub_layout import InstructLayout
 
     layout = InstructLayout({"model.layers.0.mlp.experts.0.gate_proj.weight": (3, 4)}, "qwen3_moe", source="inst")
     stack = torch.zeros(2, 6, 4)
@@ -202,7 +202,7 @@ def test_a_reversal_the_instruct_does_not_store_stops_with_one_line():
 
 def test_writers_of_other_directories_are_mergekit_s(tmp_path):
     from mergekit.io.tensor_writer import TensorWriter
-    from mergekit_timber import hub_layout
+    from mergekit_timber.integration import hub_layout
 
     _, instruct = write_pair(tmp_path / "pair", arch="qwen3_moe", layers=1, seed=1)
     stack = torch.randn(4, 64, 64).to(torch.bfloat16)  # [E, 2I, H] of the synthetic pair's defaults
@@ -224,7 +224,7 @@ def test_a_reverse_op_that_asks_the_model_gets_the_instruct_s_stored_shape():
     """qwen3_vl_moe's reverse Transpose(check_dims) transposes only where the shape differs
     from the parameter's: here the parameter is the Instruct's stored tensor, so a tensor in
     the transformers layout [E, 2I, H] goes back to the stored [E, H, 2I]."""
-    from mergekit_timber.hub_layout import InstructLayout
+    from mergekit_timber.integration.hub_layout import InstructLayout
 
     layout = InstructLayout({"model.language_model.layers.0.mlp.experts.gate_up_proj": (4, 8, 6)}, "qwen3_vl_moe")
     merged = torch.arange(4 * 6 * 8.0).reshape(4, 6, 8)
@@ -240,7 +240,7 @@ def test_pickled_shards_hold_each_piece_once(tmp_path):
     """--no-safe-serialization: a pickled shard would store the whole storage of every view,
     so pieces of a split tensor are written as their own tensors."""
     from mergekit.io.tensor_writer import TensorWriter
-    from mergekit_timber import hub_layout
+    from mergekit_timber.integration import hub_layout
 
     _, instruct = write_pair(tmp_path / "pair", arch="qwen3_moe", layers=1, seed=1)
     down = torch.randn(4, 64, 32).to(torch.bfloat16)  # [E, H, I]

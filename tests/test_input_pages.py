@@ -8,9 +8,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from helpers import load_dir, run_cli, write_yaml
-from mergekit_timber import input_pages
-from mergekit_timber.kernel import refine_stack
-from mergekit_timber.testing.synthetic import write_pair
+from mergekit_timber.integration import input_pages
+from mergekit_timber.method.kernel import refine_stack
+from pairs.synthetic import write_pair
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
@@ -65,7 +65,7 @@ def test_can_be_turned_off(mapped, monkeypatch):
 
 
 def test_kernel_reports_every_row_it_reads_and_the_result_is_unchanged(monkeypatch):
-    from mergekit_timber import kernel
+    from mergekit_timber.method import kernel
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(2, 300, 40, generator=g, dtype=torch.float64)

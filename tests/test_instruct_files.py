@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from helpers import run_cli, write_yaml
-from mergekit_timber import guard
-from mergekit_timber.testing.synthetic import write_pair
+from mergekit_timber.integration import guard
+from pairs.synthetic import write_pair
 
 FORMATS = ("transformers4", "transformers5")
 ARCHES = ("qwen3", "llama", "qwen3_moe")
@@ -87,8 +87,8 @@ def test_every_entry_point_writes_the_instructs_files(pairs, tmp_path):
 
 
 def test_dequantize_keeps_the_config_key_for_key(pairs, tmp_path):
-    from mergekit_timber.quantized import dequantize_checkpoint
-    from mergekit_timber.testing.quantized_pairs import write_block_fp8
+    from mergekit_timber.integration.quantized import dequantize_checkpoint
+    from pairs.quantized_pairs import write_block_fp8
 
     _, instruct = pairs["qwen3", "transformers4"]
     fp8 = write_block_fp8(instruct, tmp_path / "fp8")
@@ -109,7 +109,7 @@ def test_a_merge_without_one_patch_stops_and_publishes_nothing(pairs, tmp_path, 
     import mergekit.merge
     from mergekit.io.tensor_writer import TensorWriter
 
-    from mergekit_timber import hub_layout
+    from mergekit_timber.integration import hub_layout
     from mergekit_timber.errors import TimberError
 
     base, instruct = pairs["qwen3_moe", "transformers4"]  # per-expert on disk: names are converted
@@ -140,7 +140,7 @@ def test_each_staged_file_is_checked(pairs, tmp_path):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions
 
-    from mergekit_timber import dropin
+    from mergekit_timber.integration import dropin
     from mergekit_timber.errors import TimberOutputError
 
     base, instruct = pairs["qwen3", "transformers4"]

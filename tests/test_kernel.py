@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mergekit_timber.kernel import (
+from mergekit_timber.method.kernel import (
     HeadRule,
     effective_rank,
     head_size,
@@ -132,7 +132,9 @@ def test_effective_rank_and_singular_values():
 
 
 def test_head_rule_validation():
-    with pytest.raises(ValueError):
+    from mergekit_timber.errors import TimberConfigError
+
+    with pytest.raises(TimberConfigError, match=r"^energy must lie in \(0, 1\]; got 1.5$"):
         HeadRule("energy", 1.5)
     with pytest.raises(ValueError):
         HeadRule("nope")
@@ -141,14 +143,14 @@ def test_head_rule_validation():
 def test_meta_device_allocations_follow_the_input():
     # Every buffer is allocated on the input's device: shape-check on "meta" tensors
     # (no data) up to the eigen-decomposition, which meta cannot run.
-    from mergekit_timber.kernel import delta64, row_chunks
+    from mergekit_timber.method.kernel import delta64, row_chunks
 
     b = torch.empty(10, 4, device="meta", dtype=torch.bfloat16)
     assert delta64(b, b, row_chunks(b[None].shape)[0]).device.type == "meta"
 
 
 def test_non_finite_input_is_detected_through_the_gram():
-    from mergekit_timber.kernel import NonFiniteDelta
+    from mergekit_timber.method.kernel import NonFiniteDelta
 
     base, instruct = _case("gauss", 300, 260)  # wide enough for the three-block Gram
     instruct[7, 3] = float("inf")
@@ -157,7 +159,7 @@ def test_non_finite_input_is_detected_through_the_gram():
 
 
 def test_symmetric_gram_matches_plain_gram():
-    from mergekit_timber.kernel import delta_gram
+    from mergekit_timber.method.kernel import delta_gram
 
     # 300 columns: two row panels, so the upper-triangle blocks are mirrored.
     d = torch.randn(2, 50, 300, dtype=torch.float64)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from alloc_tracker import LiveBytes
-from mergekit_timber import kernel
-from mergekit_timber.kernel import plan_batches
+from mergekit_timber.method import kernel
+from mergekit_timber.method.kernel import plan_batches
 
 GIB = 1 << 30
 # One stack of one projection of a MoE layer, as the kernel sees it: [E, m, n] tall.

@@ -12,7 +12,7 @@ from test_e2e import assert_close_to_oracle, assert_matches, merge, pairs, per_m
 
 def direct_call(name: str, base: torch.Tensor, instruct: torch.Tensor, **parameters) -> torch.Tensor:
     """`timber` through mergekit's direct call (`method(groups)`), on one Base/Instruct pair."""
-    import mergekit_timber.method  # noqa: F401 - registers timber
+    import mergekit_timber.method.adapter  # noqa: F401 - registers timber
     from mergekit import merge_methods
     from mergekit.common import ModelReference
     from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
@@ -67,10 +67,10 @@ def test_identical_tensor_is_kept_with_a_warning(pairs, tmp_path):
 
 def test_many_row_chunks_in_a_real_merge(pairs, tmp_path, monkeypatch):
     """Chunks of a few rows: the Gram, the rebuild and the page release run chunk by chunk."""
-    import mergekit_timber.method  # noqa: F401 - registers timber
+    import mergekit_timber.method.adapter  # noqa: F401 - registers timber
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
-    from mergekit_timber import kernel
+    from mergekit_timber.method import kernel
 
     base_dir, instruct_dir = pairs["qwen3_moe"]
     monkeypatch.setattr(kernel, "CHUNK_BYTES", 8 * 64 * 7)  # 7 rows of 64 float64 columns

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import cli, config_of, load_dir, run_cli, write_yaml
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -405,7 +405,7 @@ def test_disk_full_messages_of_both_writers(tmp_path):
     named as such; safetensors' message carries the OS error."""
     from safetensors.torch import save_file
 
-    from mergekit_timber.output_dir import describe, is_write_failure
+    from mergekit_timber.integration.output_dir import describe, is_write_failure
 
     with tmpfs(tmp_path / "full", "size=64k") as full:
         tensors = {"w": torch.zeros(100_000)}
@@ -488,7 +488,7 @@ def test_hub_id_is_tried_when_no_such_local_folder_exists(pair, tmp_path):
 
 
 def test_what_counts_as_the_previous_model(tmp_path):
-    from mergekit_timber.output_dir import OutputDir
+    from mergekit_timber.integration.output_dir import OutputDir
 
     out = tmp_path / "out"
     out.mkdir()
@@ -512,7 +512,7 @@ def test_what_counts_as_the_previous_model(tmp_path):
 def test_failure_messages_name_the_output_file(tmp_path):
     import errno
 
-    from mergekit_timber.output_dir import describe
+    from mergekit_timber.integration.output_dir import describe
 
     staged = tmp_path / "out" / ".timber-staging-12-00ff00ff" / "model" / "tokenizer.json"
     # shutil.copyfile (sendfile) puts the source first: a full disk is the destination's.
@@ -523,7 +523,7 @@ def test_failure_messages_name_the_output_file(tmp_path):
 
 
 def test_nohup_keeps_sighup_ignored():
-    from mergekit_timber import signals
+    from mergekit_timber.integration import signals
 
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
@@ -539,8 +539,8 @@ def test_nohup_keeps_sighup_ignored():
 def test_publish_order_config_last(tmp_path, monkeypatch):
     """The previous config.json goes first, the new weights come in before the previous
     model's other files go, and config.json comes last: never a config beside mixed weights."""
-    from mergekit_timber import output_dir
-    from mergekit_timber.output_dir import OutputDir
+    from mergekit_timber.integration import output_dir
+    from mergekit_timber.integration.output_dir import OutputDir
 
     out = tmp_path / "out"
     out.mkdir()
@@ -576,7 +576,7 @@ def test_publish_order_config_last(tmp_path, monkeypatch):
 
 def test_publish_never_replaces_a_users_folder(tmp_path):
     from mergekit_timber.errors import TimberOutputError
-    from mergekit_timber.output_dir import OutputDir
+    from mergekit_timber.integration.output_dir import OutputDir
 
     out = tmp_path / "out"
     (out / "tokenizer.json").mkdir(parents=True)  # a folder of the user's under a model file's name
@@ -598,7 +598,7 @@ def test_which_staging_folders_are_leftovers(tmp_path, caplog):
     exists, when the pid in its name is gone); one line per folder removed."""
     import fcntl
 
-    from mergekit_timber.output_dir import OutputDir
+    from mergekit_timber.integration.output_dir import OutputDir
 
     out = tmp_path / "out"
     out.mkdir()
@@ -613,7 +613,7 @@ def test_which_staging_folders_are_leftovers(tmp_path, caplog):
     fd = os.open(held / "lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # a running merge's lock (another open file: flock conflicts)
     try:
-        with caplog.at_level("WARNING", logger="mergekit_timber.output_dir"):
+        with caplog.at_level("WARNING", logger="mergekit_timber.integration.output_dir"):
             OutputDir(out).remove_leftovers()
     finally:
         os.close(fd)
@@ -626,8 +626,8 @@ def test_leftovers_where_the_filesystem_has_no_locks(tmp_path, monkeypatch):
     owner ran on this machine, in this boot, and its pid is gone; another host's is kept."""
     import errno
 
-    from mergekit_timber import output_dir
-    from mergekit_timber.output_dir import OutputDir
+    from mergekit_timber.integration import output_dir
+    from mergekit_timber.integration.output_dir import OutputDir
 
     def no_locks(fd):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import cli, load_dir, write_yaml
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):

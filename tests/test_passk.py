@@ -16,7 +16,7 @@ from helpers import cli
 import pytest
 from click.testing import CliRunner
 
-from mergekit_timber import passk as pk
+from mergekit_timber.tools import passk as pk
 from answer_check import (
     check_boxed,
     check_exact,
@@ -510,9 +510,9 @@ def test_cli_without_bootstrap_leaves_ci_empty(tmp_path, three_models):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--models", "base,nope"], "Error: unknown model 'nope' in --models; available: base, instruct, timber"),
-        (["--k", "1,two"], "Error: k values must be positive integers, got 'two'"),
-        (["--k", "64,128"], "Error: every requested k exceeds n for every model"),
+        (["--models", "base,nope"], "mergekit-timber: error: unknown model 'nope' in --models; available: base, instruct, timber"),
+        (["--k", "1,two"], "mergekit-timber: error: k values must be positive integers, got 'two'"),
+        (["--k", "64,128"], "mergekit-timber: error: every requested k exceeds n for every model"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, three_models, extra, message):
@@ -526,7 +526,7 @@ def test_cli_bad_record_error(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"model": "m", "problem": "p", "correct": 0}])
     result = CliRunner().invoke(main, ["passk", str(bad), "-o", str(tmp_path)])
     assert result.exit_code == 1
-    assert result.stderr.strip() == f"Error: {bad} line 1: 'correct' must be true or false, got 0"
+    assert result.stderr.strip() == f"mergekit-timber: error: {bad} line 1: 'correct' must be true or false, got 0"
 
 
 def test_cli_reads_harness_samples(tmp_path):
@@ -554,7 +554,7 @@ def test_console_script(tmp_path, three_models):
     proc = subprocess.run([cli("mergekit-timber"), "passk", str(three_models), "-o", str(out), "--models", "x"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "Error: unknown model 'x' in --models; available: base, instruct, timber"
+    assert proc.stderr.strip() == "mergekit-timber: error: unknown model 'x' in --models; available: base, instruct, timber"
 
 
 # --------------------------------------------------------------------------- real lm-eval output
@@ -793,7 +793,7 @@ def test_lmeval_results_file_gets_a_hint(tmp_path):
         pk.read_tallies([renamed])
     assert str(info.value) == f"{renamed}: {hint}"
     result = CliRunner().invoke(main, ["passk", str(results), "-o", str(tmp_path / "o")])
-    assert result.exit_code == 1 and result.stderr.strip() == f"Error: {results}: {hint}"
+    assert result.exit_code == 1 and result.stderr.strip() == f"mergekit-timber: error: {results}: {hint}"
 
 
 def test_cli_on_lmeval_samples(tmp_path):

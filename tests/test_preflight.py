@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from helpers import run_cli, write_yaml
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 
@@ -71,7 +71,7 @@ def refuse(config, *culprits, source=True):
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_timber import preflight
+    from mergekit_timber.integration import preflight
     from mergekit_timber.errors import TimberError
 
     text = yaml.safe_dump(config) if source else None
@@ -160,7 +160,7 @@ def test_python_api_path_is_checked_too(pair, tmp_path):
 )
 def test_values_in_filters_and_gradients(pair, setting, message):
     from mergekit_timber.errors import TimberConfigError
-    from mergekit_timber.preflight import check_document
+    from mergekit_timber.integration.preflight import check_document
 
     with pytest.raises(TimberConfigError) as caught:
         check_document(cfg(*pair, **{"lambda": setting}))
@@ -168,13 +168,40 @@ def test_values_in_filters_and_gradients(pair, setting, message):
 
 
 def test_valid_settings_pass(pair):
-    from mergekit_timber.preflight import check_document
+    from mergekit_timber.integration.preflight import check_document
 
     check_document(cfg(*pair, **{"lambda": [{"filter": "mlp", "value": [0.1, "1e-1"]}, {"value": 0}]}))
     check_document(cfg(*pair, refine_embeddings=[True, False], rank_ratio=0.5))
     check_document(dict(cfg(*pair), merge_method="timber_l"))
     check_document(dict(cfg(*pair), name="step1"))  # a mergekit-multi document
     check_document(dict(cfg(*pair, **{"lamda": 1}), merge_method="linear"))  # not ours
+
+
+@pytest.mark.parametrize("place", ["both global", "both on the instruct", "split", "catch-all filter"])
+def test_rank_ratio_with_energy_stops_in_preflight(pair, place):
+    """The cutoff rule the method applies per tensor (parameters.check_cutoffs), asked
+    before the merge whenever both reach every tensor."""
+    from mergekit_timber.errors import TimberConfigError
+    from mergekit_timber.integration.preflight import check_document
+
+    if place == "both global":
+        doc = cfg(*pair, rank_ratio=0.9, energy=0.98)
+    elif place == "both on the instruct":
+        doc = cfg(*pair)
+        doc["models"][0]["parameters"] = {"rank_ratio": 0.9, "energy": 0.98}
+    elif place == "split":
+        doc = cfg(*pair, rank_ratio=0.9)
+        doc["models"][0]["parameters"] = {"energy": 0.98}
+    else:
+        doc = cfg(*pair, rank_ratio=0.9, energy=[{"filter": "mlp", "value": 0.5}, {"value": 0.98}])
+    with pytest.raises(TimberConfigError, match=r"^timber: .*rank_ratio=0.9 and energy=.* are both set; choose one cutoff rule"):
+        check_document(doc)
+
+
+def test_rank_ratio_and_energy_on_different_tensors_pass(pair):
+    from mergekit_timber.integration.preflight import check_document
+
+    check_document(cfg(*pair, rank_ratio=[{"filter": "mlp", "value": 0.5}], energy=[{"filter": "self_attn", "value": 0.9}]))
 
 
 def test_timber_l_names_lambda_even_when_it_is_not_a_number(pair):
@@ -278,7 +305,7 @@ def test_sweep_output_that_overflows_its_dtype_names_the_tensor_and_lambda(pair,
 
 def test_sweep_names_distinct_lambdas_apart():
     from mergekit_timber.errors import TimberConfigError
-    from mergekit_timber.sweep import output_name, parse_lambdas
+    from mergekit_timber.tools.sweep import output_name, parse_lambdas
 
     lams = parse_lambdas("0.2,0.2000001,0,1")
     assert [output_name(x) for x in lams] == ["lambda-0.2", "lambda-0.2000001", "lambda-0", "lambda-1"]
@@ -321,7 +348,7 @@ def test_other_methods_parameters_are_ignored_with_a_warning(pair, reference, tm
     base, instruct = pair
     config = cfg(base, instruct, normalize=True, int8_mask=True, **{"lambda": 0.2})
     config["models"][0]["parameters"] = {"weight": 1.0, "density": 0.5}
-    with caplog.at_level("WARNING", logger="mergekit_timber.preflight"):
+    with caplog.at_level("WARNING", logger="mergekit_timber.integration.preflight"):
         got = merge(config, tmp_path / "out")
     same_tensors(got, reference)
     warned = [r.getMessage() for r in caplog.records if "timber ignores it" in r.getMessage()]
@@ -354,7 +381,7 @@ def test_mixed_dtypes_warn_and_merge_as_mergekit_aligns_them(pair, tmp_path, cap
             weights[name] = weights[name].to(torch.float16)
 
     half = copy_model(pair[1], tmp_path / "half", edit=to_half)
-    with caplog.at_level("WARNING", logger="mergekit_timber.preflight"):
+    with caplog.at_level("WARNING", logger="mergekit_timber.integration.preflight"):
         got = merge(cfg(pair[0], half), tmp_path / "out")
     line = " ".join(r.getMessage() for r in caplog.records)
     assert "dtype BF16 in the base model" in line and "F16 in the instruct model" in line
@@ -440,7 +467,7 @@ def test_tie_is_read_as_transformers_reads_it(tmp_path, config, tied):
     from mergekit.common import ModelReference
     from mergekit.options import MergeOptions
 
-    from mergekit_timber.preflight import ties_embeddings
+    from mergekit_timber.integration.preflight import ties_embeddings
 
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert ties_embeddings(ModelReference.model_validate(str(tmp_path)), MergeOptions(), config) is tied

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from helpers import base_config, config_of, load_dir, run_cli, write_yaml
-from mergekit_timber.quantized import dequantize_block_fp8, dequantize_mxfp4
-from mergekit_timber.testing.synthetic import write_pair
-from mergekit_timber.testing.quantized_pairs import (
+from mergekit_timber.integration.quantized import dequantize_block_fp8, dequantize_mxfp4
+from pairs.synthetic import write_pair
+from pairs.quantized_pairs import (
     quantize_block_fp8,
     quantize_mxfp4,
     reference_fp8,
@@ -34,7 +34,7 @@ def fp8_pair(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dequantized_pair(fp8_pair, tmp_path_factory):
     root = tmp_path_factory.mktemp("deq")
-    from mergekit_timber.quantized import dequantize_checkpoint
+    from mergekit_timber.integration.quantized import dequantize_checkpoint
 
     for model in fp8_pair:  # the CLI runs in test_dequantize_fp8_round_trips_against_transformers
         dequantize_checkpoint(model, root / model.name)
@@ -45,7 +45,7 @@ def dequantized_pair(fp8_pair, tmp_path_factory):
 def exact_pair(fp8_pair, tmp_path_factory):
     """The FP8 pair dequantized exactly: code x block scale in float32."""
     root = tmp_path_factory.mktemp("exact")
-    from mergekit_timber.quantized import dequantize_checkpoint
+    from mergekit_timber.integration.quantized import dequantize_checkpoint
 
     for model in fp8_pair:
         dequantize_checkpoint(model, root / model.name, "float32")
@@ -277,7 +277,7 @@ def test_dequantize_mxfp4_round_trips_against_transformers(tmp_path):
 @pytest.mark.parametrize("kind", ["gptq", "plain"])
 def test_dequantize_refuses_in_one_line(tmp_path, kind):
     from mergekit_timber.errors import TimberInputError
-    from mergekit_timber.quantized import dequantize_checkpoint
+    from mergekit_timber.integration.quantized import dequantize_checkpoint
 
     source = write_gptq(tmp_path / "q", seed=0) if kind == "gptq" else write_pair(tmp_path / "p", layers=1)[0]
     out = tmp_path / "out"
@@ -295,7 +295,7 @@ def test_dequantize_refuses_in_one_line(tmp_path, kind):
 def test_sweep_of_an_fp8_pair(fp8_pair, tmp_path):
     from mergekit.options import MergeOptions
 
-    from mergekit_timber.sweep import run_sweep
+    from mergekit_timber.tools.sweep import run_sweep
 
     cfg = write_yaml(tmp_path / "sweep.yml", base_config(*fp8_pair))
     outs = run_sweep(cfg, tmp_path / "sweep", [0.2, 0.5], MergeOptions(quiet=True))

@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from mergekit_timber import kernel
-from mergekit_timber.kernel import DeviceCaps, choose_route, plan_batches, refine_stack
+from mergekit_timber.method import kernel
+from mergekit_timber.method.kernel import DeviceCaps, choose_route, plan_batches, refine_stack
 from oracle import timber_matrix
 
 MPS_LIKE = DeviceCaps(float64=False, fast_float64=False)
@@ -30,7 +30,7 @@ def test_route_follows_what_the_device_supports():
 def test_route_for_reads_the_option_and_gives_one_notice(monkeypatch, caplog):
     monkeypatch.setattr(kernel, "_NOTICED", set())
     device = torch.device("meta")
-    with caplog.at_level(logging.WARNING, logger="mergekit_timber.kernel"):
+    with caplog.at_level(logging.WARNING, logger="mergekit_timber.method.kernel"):
         assert kernel.route_for(device, MPS_LIKE) == "host"
         assert kernel.route_for(device, MPS_LIKE) == "host"
     notices = [r.getMessage() for r in caplog.records]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mergekit_timber import passk as pk
+from mergekit_timber.tools import passk as pk
 from mergekit_timber.cli import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

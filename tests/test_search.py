@@ -131,7 +131,7 @@ def test_search_runs_resumes_and_retries_a_failed_evaluation(work):
     assert re.search(r"^evaluation of base failed again: ValueError: scoring failed on purpose$", failing.stderr, re.M)
     assert sorted(evaluated(failing.stderr)) == sorted(m for m in MODELS if m != "base")
     last = failing.stderr.strip().splitlines()[-1]
-    assert last.startswith("Error: 1 evaluation(s) failed twice (base: ValueError"), last
+    assert last.startswith("mergekit-timber: error: 1 evaluation(s) failed twice (base: ValueError"), last
     assert "| instruct |" in failing.stdout and "| base |" not in failing.stdout
     assert not (out / "evals" / "base" / "record.json").read_text().count("toy_sums_base_broken")
 
@@ -158,7 +158,7 @@ def test_search_bad_input_stops_with_one_line_before_any_work(work, args, messag
 
 def test_missing_extra_names_it(monkeypatch):
     from mergekit_timber.errors import TimberError
-    from mergekit_timber.search import require_extra
+    from mergekit_timber.tools.search import require_extra
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: importing it fails
     with pytest.raises(TimberError, match=r"needs ray: pip install 'mergekit-timber\[search\]'"):
@@ -166,8 +166,8 @@ def test_missing_extra_names_it(monkeypatch):
 
 
 def test_the_merge_method_imports_neither_search_nor_ray_nor_lm_eval():
-    code = ("import sys, mergekit.merge, mergekit_timber.method, mergekit_timber.sweep, mergekit_timber.cli; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'lm_eval') or m.startswith('mergekit_timber.search')))")
+    code = ("import sys, mergekit.merge, mergekit_timber.method.adapter, mergekit_timber.tools.sweep, mergekit_timber.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'lm_eval') or m.startswith('mergekit_timber.tools.search')))")
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -179,9 +179,9 @@ def test_report_scores_real_lm_eval_samples_with_passk_and_a_paired_band(tmp_pat
     variant task scored under the task's name, the best lambda and its paired difference."""
     import numpy as np
 
-    from mergekit_timber import passk as pk
-    from mergekit_timber.search_eval import EvalJob, Sampling
-    from mergekit_timber.search_report import report
+    from mergekit_timber.tools import passk as pk
+    from mergekit_timber.tools.search_eval import EvalJob, Sampling
+    from mergekit_timber.tools.search_report import report
 
     data = Path(__file__).parent / "data" / "lm_eval-0.4.13"
     files = {m: next((data / f"__tmp__lmeval-fixtures__{m}").glob(f"samples_{t}_*.jsonl"))

@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from helpers import load_dir, run_cli, write_yaml
-from mergekit_timber.testing.synthetic import write_pair
+from pairs.synthetic import write_pair
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
@@ -57,7 +57,7 @@ def test_sweep_rejects_bad_input(tmp_path):
 
 def test_sweep_method_is_its_own_and_leaves_timber_stateless():
     from mergekit import merge_methods
-    from mergekit_timber.sweep import _sweep_method
+    from mergekit_timber.tools.sweep import _sweep_method
 
     saved = []
     with _sweep_method([0.5, 0.8], lambda name, outs: saved.append(name)) as name:

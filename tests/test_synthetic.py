@@ -1,7 +1,8 @@
-"""Tests for mergekit_timber.testing.synthetic: local Base/Instruct pairs for tests and demos."""
+"""Tests for pairs.synthetic: local Base/Instruct pairs for tests and demos."""
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from mergekit_timber.checkpoint import Checkpoint
-from mergekit_timber.testing import synthetic
-from mergekit_timber.testing.synthetic import tensor_specs, write_pair, write_timber_yaml
+from pairs import synthetic
+from pairs.synthetic import tensor_specs, write_pair, write_timber_yaml
 
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"  # where `pairs` lives
 ARCHES = ("llama", "qwen3", "qwen3_moe")
 
 
@@ -279,7 +281,7 @@ def test_tokenizer_is_the_same_in_every_process(tmp_path):
     import subprocess
     import sys
 
-    code = "import hashlib; from mergekit_timber.testing import synthetic as s; print(hashlib.sha256(s._tokenizer_json(600).encode()).hexdigest())"
+    code = f"import sys; sys.path.insert(0, {str(SCRIPTS)!r}); import hashlib; from pairs import synthetic as s; print(hashlib.sha256(s._tokenizer_json(600).encode()).hexdigest())"
     runs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env=dict(os.environ, PYTHONHASHSEED=str(k), RAYON_NUM_THREADS=str(k + 1))).stdout

@@ -18,7 +18,7 @@ from helpers import run_cli, shared_toy_pair, write_yaml
 
 import sample
 import toy_pair
-from mergekit_timber import passk as pk
+from mergekit_timber.tools import passk as pk
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_NEW_TOKENS = 64

@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from mergekit_timber import layout, worker_threads
+from mergekit_timber.method import layout
+
+from mergekit_timber.integration import worker_threads
 
 REMOTE_CONFIG = '''
 from transformers import PretrainedConfig
@@ -75,9 +77,9 @@ def test_trust_remote_code_reaches_worker_threads(tmp_path):
 WORKER_SCRIPT = textwrap.dedent('''
     import concurrent.futures, os, signal, sys, threading, time
     import torch
-    from mergekit_timber import signals
-    from mergekit_timber.method import refine_tensor, _refine
-    from mergekit_timber import layout, method
+    from mergekit_timber.integration import signals
+    from mergekit_timber.method.adapter import refine_tensor, _refine
+    from mergekit_timber.method import layout, adapter as method
 
     marker = sys.argv[1]
     started = threading.Event()

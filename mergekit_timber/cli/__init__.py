@@ -8,6 +8,9 @@ import importlib
 
 import click
 
+from mergekit_timber.errors import ERROR_PREFIX
+from mergekit_timber.method import parameters
+
 # name -> (module:attribute, one-line help shown by `mergekit-timber --help`)
 COMMANDS = {
     "analyze": (
@@ -37,7 +40,26 @@ COMMANDS = {
 }
 
 
+class OneLineError(click.ClickException):
+    """A subcommand's error, printed as every other one-line error of mergekit-timber."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"{ERROR_PREFIX}{self.format_message()}", file=file, err=file is None)
+
+
 class LazyGroup(click.Group):
+    def invoke(self, ctx):
+        # click prints a ClickException as "Error: ..."; ours all read "mergekit-timber: error: ...".
+        # Usage errors keep click's form (the usage line and the option at fault).
+        try:
+            return super().invoke(ctx)
+        except (click.UsageError, OneLineError):
+            raise
+        except click.ClickException as error:
+            one_line = OneLineError(error.format_message())
+            one_line.exit_code = error.exit_code
+            raise one_line from None
+
     def list_commands(self, ctx):
         return sorted(COMMANDS)
 
@@ -65,12 +87,7 @@ def main() -> None:
                  scale the rest by lambda
       timber_l   the same with the rest dropped (lambda = 0; takes no lambda)
 
-    \b
-    Parameters (globally under parameters:, or under the Instruct's entry):
-      lambda             timber only; 0 <= lambda <= 1, default 0.2
-      refine_embeddings  true (default) / false: embeddings, lm_head from the Instruct
-      rank_ratio         ablation: keep ceil(rank_ratio * rank) components
-      energy             ablation: keep the head holding this share of sum(S^2)
+    {parameters}
 
     \b
     A minimal recipe (`mergekit-timber recipe BASE INSTRUCT` prints one):
@@ -85,3 +102,7 @@ def main() -> None:
     from mergekit_timber.errors import install_excepthook
 
     install_excepthook()  # bad input prints as one line (MERGEKIT_TIMBER_TRACEBACK=1: tracebacks)
+
+
+# The Parameters paragraph comes from the one definition of the parameters.
+main.help = main.help.replace("{parameters}", parameters.help_block().replace("\n", "\n    ").replace("\n    \n", "\n\n"))

@@ -14,7 +14,7 @@ class _AnalyzeCommand(click.Command):
     """Lists the CSV columns under --help; the list is read only when help is shown."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from mergekit_timber.analysis import COLUMNS
+        from mergekit_timber.tools.analysis import COLUMNS
 
         with formatter.section("Columns of erank.csv (one row per matrix)"):
             formatter.write_dl(list(COLUMNS.items()))
@@ -65,9 +65,12 @@ def analyze(
     DIR/erank_base_vs_instruct.png (paper Fig. 1), DIR/erank_ratio_hist.png (Fig. 2)
     and DIR/k_per_layer.png; prints a summary table (or JSON with --format json).
     """
-    from mergekit_timber import analysis as an
+    from mergekit_timber.tools import require
+
+    require("analyze", "tools")  # before any work: the plots need matplotlib
+    from mergekit_timber.tools import analysis as an
     from mergekit_timber.errors import TimberError
-    from mergekit_timber.kernel import HeadRule
+    from mergekit_timber.method.kernel import HeadRule
 
     if rank_ratio is not None and energy is not None:
         raise click.UsageError("--rank-ratio and --energy are alternatives; give at most one")

@@ -24,7 +24,7 @@ def dequantize(source: Path, target: Path, dtype: str) -> None:
     OUT is published as a merge's output is: an earlier model there is replaced, nothing
     else in the folder is touched.
     """
-    from mergekit_timber.quantized import dequantize_checkpoint
+    from mergekit_timber.integration.quantized import dequantize_checkpoint
 
     quant = dequantize_checkpoint(source, target, dtype)
     click.echo(f"{quant.format} -> {dtype}\t{target}")

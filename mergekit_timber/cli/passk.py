@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mergekit_timber import passk as pk
+from mergekit_timber.tools import passk as pk, require
 
 
 @click.command("passk")
@@ -51,6 +51,7 @@ def passk(
     per-sample correctness, such as pass@8 or lm-eval's results_*.json, is refused).
     Prints a table and writes DIR/passk.csv and DIR/passk.png.
     """
+    require("passk", "tools")
     try:
         wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
         ks = pk.parse_ks(ks_text) if ks_text else None

@@ -76,10 +76,10 @@ def search(merge_options, recipe, out, lambdas, tasks_text, base_tasks_text, no_
     Ctrl-C stops the workers and keeps every finished evaluation.
     """
     from mergekit_timber.errors import TimberConfigError
-    from mergekit_timber.passk import PasskError, parse_ks
-    from mergekit_timber.search import SearchRequest, run_search
-    from mergekit_timber.search_eval import Sampling
-    from mergekit_timber.sweep import parse_lambdas
+    from mergekit_timber.tools.passk import PasskError, parse_ks
+    from mergekit_timber.tools.search import SearchRequest, run_search
+    from mergekit_timber.tools.search_eval import Sampling
+    from mergekit_timber.tools.sweep import parse_lambdas
 
     merge_options.apply_global_options()
     try:

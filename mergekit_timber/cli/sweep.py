@@ -28,7 +28,7 @@ def sweep(merge_options, config: Path, out: Path, lambdas: str) -> None:
     with its own model card and a mergekit_config.yml that reproduces it. A re-run
     replaces the model in each OUT/lambda-X/ as mergekit-yaml does (other files stay).
     """
-    from mergekit_timber.sweep import parse_lambdas, run_sweep
+    from mergekit_timber.tools.sweep import parse_lambdas, run_sweep
 
     merge_options.apply_global_options()
     values = parse_lambdas(lambdas)  # a TimberError prints as one line (mergekit_timber.cli)

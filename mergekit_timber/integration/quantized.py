@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from mergekit_timber.checkpoint import DTYPES, Checkpoint
+from mergekit_timber.checkpoint import DTYPES, SAFETENSORS_DTYPES, Checkpoint, local_dir, looks_like_weights
 from mergekit_timber.errors import TimberInputError
 
 if TYPE_CHECKING:
@@ -395,7 +395,7 @@ def _loader_class():
                 return self.inner.get_tensor(key, device=device)
             import torch
 
-            from mergekit_timber import input_pages
+            from mergekit_timber.integration import input_pages
 
             scale = self.inner.get_tensor(self.quant.companions[key])
             code = self.inner.get_tensor(key)
@@ -416,7 +416,7 @@ def block_fp8_models(merge_config, options) -> Dict[Any, Quantization]:
     """The block-FP8 models of a merge (headers only); any other quantized one is refused."""
     found = {}
     for ref in merge_config.referenced_models():
-        directory = Path(ref.local_path(cache_dir=options.transformers_cache, ignore_lora=True))
+        directory = local_dir(ref, options)
         if not any(directory.glob("*.safetensors")):
             continue
         with Checkpoint(directory, "model") as checkpoint:
@@ -493,13 +493,9 @@ class _Entry:
     make: Any  # () -> torch.Tensor
 
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _TAG_BYTES[self.tag]
+        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.tag][0]
 
 
-_TAG_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8,
-}  # fmt: skip
 
 
 def _entries(checkpoint: Checkpoint, quant: Quantization, dtype: "torch.dtype") -> Dict[str, List[_Entry]]:
@@ -542,7 +538,7 @@ def _write_shard(path: Path, entries: List[_Entry]) -> None:
 
     import torch
 
-    from mergekit_timber import input_pages
+    from mergekit_timber.integration import input_pages
 
     if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
         raise RuntimeError("writing safetensors needs a little-endian host")
@@ -575,11 +571,11 @@ def dequantize_checkpoint(
     Shard by shard (same shard names), tensor by tensor: memory holds one output tensor
     and the pages of the input it reads. Scales are dropped, config.json loses its
     quantization_config; the other files (tokenizer, generation config, ...) are copied.
-    The output is staged and published at the end (mergekit_timber.output_dir): all or nothing.
+    The output is staged and published at the end (mergekit_timber.integration.output_dir): all or nothing.
     """
     import torch
 
-    from mergekit_timber.output_dir import OutputDir
+    from mergekit_timber.integration.output_dir import OutputDir
 
     if dtype not in DTYPES:
         raise TimberInputError(f"dequantize: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -616,7 +612,7 @@ def dequantize_checkpoint(
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (stage / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             for item in sorted(source.iterdir()):
-                if item.is_file() and not _is_weights(item.name) and item.name != "config.json":
+                if item.is_file() and not looks_like_weights(item.name) and item.name != "config.json":
                     shutil.copyfile(item, stage / item.name)
             config = _read_config(source)
             if config:
@@ -627,11 +623,6 @@ def dequantize_checkpoint(
     finally:
         checkpoint.close()
     return quant
-
-
-def _is_weights(name: str) -> bool:
-    """A weight shard or shard index of the input (any name): written dequantized, not copied."""
-    return name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
 
 
 def plain_config(config: Mapping[str, Any], dtype: Optional[str], *, nested: bool = False) -> Dict[str, Any]:

@@ -62,6 +62,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from mergekit_timber.method.parameters import ENERGY, RANK_RATIO
+
 LOG = logging.getLogger(__name__)
 
 # Rows of a tall delta processed at a time: bounds float64 scratch memory to about
@@ -87,8 +89,11 @@ class HeadRule:
     def __post_init__(self):
         if self.kind not in ("erank", "rank_ratio", "energy"):
             raise ValueError(f"unknown head rule {self.kind!r}")
-        if self.kind != "erank" and (self.value is None or not 0 < self.value <= 1):
-            raise ValueError(f"{self.kind} must lie in (0, 1]; got {self.value}")
+        if self.kind != "erank":
+            if self.value is None:
+                raise ValueError(f"{self.kind} needs a value")
+            # The parameter's own range check (mergekit_timber.method.parameters).
+            {"rank_ratio": RANK_RATIO, "energy": ENERGY}[self.kind].check(self.value, prefix="")
 
 
 ERANK = HeadRule()

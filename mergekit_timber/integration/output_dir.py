@@ -44,7 +44,8 @@ import time
 from pathlib import Path
 from typing import Iterable, List, Optional, Set
 
-from mergekit_timber import signals
+from mergekit_timber.checkpoint import INDEX_FILES, MODEL_FILES, MODEL_FOLDERS, WEIGHT_SUFFIXES, is_weight_file
+from mergekit_timber.integration import signals
 from mergekit_timber.errors import TimberOutputError
 
 try:
@@ -63,19 +64,6 @@ _REPLACED = "replaced"  # sub-folders of the previous model, moved aside while p
 # a shard name): checked against the filesystem's limit before any work.
 _STAGING_RESERVE = len(f"/{STAGING_PREFIX}4294967295-{'f' * 8}/{_MODEL_SUBDIR}/") + 64
 
-# Weight files as mergekit's TensorWriter and transformers' save_pretrained name them.
-_WEIGHT = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-# The other files of a mergekit model output: config, generation config, the tokenizer
-# and chat template (mergekit's copy list and transformers' save_pretrained), mergekit's
-# tagalong files, the recipe. README.md, the card, is treated apart (`_is_mergekit_card`).
-MODEL_FILES = frozenset((
-    "config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.json", "tokenizer.model", "added_tokens.json", "merges.txt", "vocab.json",
-    "vocab.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-    "video_preprocessor_config.json", "mergekit_config.yml",
-))  # fmt: skip
-MODEL_FOLDERS = frozenset(("additional_chat_templates",))  # transformers 5 tokenizer saves
 CARD = "README.md"
 _CARD_MARK = "created using [mergekit]"
 # Never a model shard, whatever an index says: training state kept beside a model.
@@ -83,11 +71,6 @@ _NEVER = frozenset(("training_args.bin", "optimizer.bin", "scheduler.bin", "scal
 
 # errno values of a failed write: the message names the file written, not the one read.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
-
-
-def is_weight_file(name: str) -> bool:
-    """A weight shard or shard index as mergekit writes it, by file name."""
-    return bool(_WEIGHT.match(name)) or name in INDEX_FILES
 
 
 def display(path) -> str:
@@ -487,7 +470,7 @@ def _listed_shards(folder: Path, index: str) -> Set[str]:
         return set()  # not an index we can read: nothing it names is removed
     return {
         name for name in listed
-        if isinstance(name, str) and name.endswith((".safetensors", ".bin")) and name not in _NEVER
+        if isinstance(name, str) and name.endswith(WEIGHT_SUFFIXES) and name not in _NEVER
         and os.path.basename(name) == name and name not in (".", "..") and not name.startswith(STAGING_PREFIX)
         and (folder / name).is_file()
     }  # fmt: skip

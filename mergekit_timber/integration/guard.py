@@ -1,7 +1,7 @@
 """Every mergekit name mergekit-timber relies on, in one table, and the check of it.
 
 mergekit has no plugin API beyond its method registry, so the plugin reaches into
-mergekit in a few places (see mergekit_timber/patches.py for what it changes and why).
+mergekit in a few places (see mergekit_timber/integration/patches.py for what it changes and why).
 `RELIED_ON` lists each mergekit name any module of the package imports, calls, reads or
 replaces, with the parameters the plugin passes (or the attributes it reads). `check()`
 looks each one up in the mergekit that is installed: a mergekit change is found here,
@@ -37,7 +37,7 @@ VERIFIED_MERGEKIT = ("0.1.5",)
 class Relied:
     """One mergekit name: `where` is its module and name, `kind` says how it is used.
 
-    - "patched": replaced by mergekit_timber.patches; its parameters must be exactly `params`
+    - "patched": replaced by mergekit_timber.integration.patches; its parameters must be exactly `params`
       (the wrapper has the same signature and forwards them);
     - "called": called (or constructed) with the keyword names in `params`;
     - "mapping": a dict-like registry the plugin reads and edits;
@@ -64,7 +64,7 @@ class Relied:
 
 R = Relied
 RELIED_ON: Tuple[Relied, ...] = (
-    # --- replaced for Timber merges (mergekit_timber/patches.py)
+    # --- replaced for Timber merges (mergekit_timber/integration/patches.py)
     R("mergekit.merge.run_merge", "patched", ("merge_config", "out_path", "options", "config_source"),
       why="a Timber merge runs preflight, a staged output and the drop-in files"),
     R("mergekit.merge._model_out_config", "patched", ("config", "arch_info", "trust_remote_code"),
@@ -107,7 +107,7 @@ RELIED_ON: Tuple[Relied, ...] = (
       ("copy_tokenizer", "write_model_card", "transformers_cache", "trust_remote_code",
        "out_shard_size", "safe_serialization", "quiet", "lora_merge_cache", "lora_merge_dtype", "lazy_unpickle"),
       why="the seam reads and overrides these options; quantized.py opens loaders as mergekit does"),
-    # --- the method adapter (mergekit_timber/method.py)
+    # --- the method adapter (mergekit_timber/method/adapter.py)
     R("mergekit.merge_methods.base.GroupMergeMethod", "class", attrs=("merge_group", "validate_inputs"),
       why="TimberMerge is a GroupMergeMethod"),
     R("mergekit.merge_methods.base.MergeMethodSpec", "called",
@@ -158,7 +158,7 @@ BY_NAME = {entry.where: entry for entry in RELIED_ON}
 
 
 def lookup(where: str) -> Any:
-    """The mergekit object `where` names, unwrapped if mergekit_timber.patches replaced it."""
+    """The mergekit object `where` names, unwrapped if mergekit_timber.integration.patches replaced it."""
     entry = BY_NAME[where]  # a KeyError here: add the name to RELIED_ON
     value = getattr(importlib.import_module(entry.module), entry.name)
     return getattr(value, "__wrapped__", value) if getattr(value, "_timber_seam", False) else value
@@ -276,13 +276,13 @@ def record(problems: List[str]) -> Verdict:
 def verdict() -> Verdict:
     """The guard's verdict; importing mergekit.merge first makes the hook record it."""
     if _VERDICT is None:
-        import mergekit.merge  # noqa: F401 - the import hook runs mergekit_timber.patches
+        import mergekit.merge  # noqa: F401 - the import hook runs mergekit_timber.integration.patches
 
-        from mergekit_timber import _hook
+        from mergekit_timber.integration import _hook
 
         _hook.ensure("mergekit.merge")  # also without the hook (MERGEKIT_TIMBER_NO_HOOK)
     if _VERDICT is None:  # the patches could not even be imported
-        return Verdict(version=mergekit_version(), problems=("mergekit_timber.patches failed to load",))
+        return Verdict(version=mergekit_version(), problems=("mergekit_timber.integration.patches failed to load",))
     return _VERDICT
 
 

@@ -1,16 +1,16 @@
 """`mergekit-timber search`: choose lambda by measurement.
 
-One sweep (mergekit_timber.sweep: one decomposition per tensor for every lambda), then one
+One sweep (mergekit_timber.tools.sweep: one decomposition per tensor for every lambda), then one
 lm-evaluation-harness evaluation per model (each lambda's output, the Instruct, the Base)
 as a Ray task, then Pass@k per model with the estimator and bootstrap bands of
-mergekit_timber.passk, against lambda (mergekit_timber.search_report).
+mergekit_timber.tools.passk, against lambda (mergekit_timber.tools.search_report).
 
 Ray places the work; there is no scheduler here. Without an address a local Ray is
 started and stopped by the command (one CPU worker per evaluation, or one GPU each where
 Ray sees GPUs); with `--address` (or RAY_ADDRESS) the evaluations run on an existing
 cluster, whose workers must read and write OUT (shared storage) and have this package
 installed. Everything in OUT survives a failure or Ctrl-C: each finished evaluation is
-in its own folder with its settings (mergekit_timber.search_eval), and a re-run redoes
+in its own folder with its settings (mergekit_timber.tools.search_eval), and a re-run redoes
 only what is missing or was made with other settings.
 
 Nothing of the merge method imports this module (nor Ray or lm-eval).
@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mergekit_timber.errors import TimberConfigError, TimberError
-from mergekit_timber.search_eval import EvalJob, Sampling, evaluate, finished, model_fingerprint
-from mergekit_timber.sweep import load_sweep_config, output_name, run_sweep
+from mergekit_timber.tools.search_eval import EvalJob, Sampling, evaluate, finished, model_fingerprint
+from mergekit_timber.tools.sweep import load_sweep_config, output_name, run_sweep
+from mergekit_timber.tools import require
 
-EXTRA_HINT = "pip install 'mergekit-timber[search]'"
 BOOTSTRAP_SEED = 0  # as `mergekit-timber passk`'s default
 SWEEP_RECORD = "sweep-record.json"  # OUT/models/: which recipe made each lambda's output
 # Variables a worker needs as the command sees them (Hub access, caches, threads).
@@ -74,17 +74,8 @@ class Model:
 
 
 def require_extra() -> None:
-    """One line naming the extra when Ray or lm-eval is missing."""
-    import importlib
-
-    missing = []
-    for name, module in (("ray", "ray"), ("lm-eval", "lm_eval")):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise TimberError(f"mergekit-timber search needs {' and '.join(missing)}: {EXTRA_HINT}")
+    """One line naming the extra when Ray, lm-eval or the plotting tools are missing."""
+    require("search", "search", "tools")
 
 
 def ray_address(option: Optional[str]) -> Optional[str]:
@@ -99,7 +90,7 @@ def pair_of(recipe: Path) -> Tuple[str, str]:
     import yaml
     from mergekit.config import MergeConfiguration
 
-    from mergekit_timber import recipe as recipe_info
+    from mergekit_timber.integration import recipe as recipe_info
 
     source = load_sweep_config(recipe)
     if not source.get("base_model"):
@@ -355,7 +346,7 @@ def failure_reason(error) -> str:
 
 def run_search(request: SearchRequest, merge_options, say: Callable[[str], None]) -> "SearchResult":
     """Validate, sweep, evaluate, score; writes OUT/summary.md, passk.csv, best_lambda.csv, passk_vs_lambda.png."""
-    from mergekit_timber import search_report
+    from mergekit_timber.tools import search_report
 
     base, instruct = validate(request)
     request.out.mkdir(parents=True, exist_ok=True)

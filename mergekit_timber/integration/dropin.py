@@ -10,7 +10,7 @@ transformers 4 then loads the output with the wrong rope or not at all. So:
   Instruct's own `config.json`, key for key, where only the dtype is set to what was
   written (in the key the file already uses), plus what the recipe itself changes (the
   vocabulary size with a `tokenizer:` step, the layer count with `slices:`); a block-FP8
-  Instruct's `quantization_config` goes (mergekit_timber.quantized.plain_config).
+  Instruct's `quantization_config` goes (mergekit_timber.integration.quantized.plain_config).
 - `verify` is the last check before publishing, a safety net for a mergekit that calls
   the seam's patches another way: config, generation config and tokenizer files equal
   the Instruct's (as above), the tensor names and shapes equal the Instruct checkpoint's
@@ -23,18 +23,12 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from mergekit_timber.checkpoint import GENERATION_CONFIG as GENERATION, MERGEKIT_TOKENIZER_COPY
 from mergekit_timber.errors import TimberOutputError
 
 DTYPE_KEYS = ("dtype", "torch_dtype")
 # Keys a recipe itself changes: the vocabulary with a tokenizer step, the layers with slices.
 VOCAB_KEY, LAYERS_KEY = "vocab_size", "num_hidden_layers"
-# mergekit's tokenizer copy (merge._copy_tokenizer) copies these from the donor, byte for byte.
-COPIED_TOKENIZER_FILES = (
-    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-    "added_tokens.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-    "video_preprocessor_config.json",
-)  # fmt: skip
-GENERATION = "generation_config.json"
 
 
 def read_json(path: Path, what: str) -> Dict[str, Any]:
@@ -48,7 +42,7 @@ def read_json(path: Path, what: str) -> Dict[str, Any]:
 
 
 def _recipe_keys(merge_config) -> Tuple[str, ...]:
-    from mergekit_timber.card import mergekit_makes_tokenizer
+    from mergekit_timber.integration.card import mergekit_makes_tokenizer
 
     keys = (VOCAB_KEY,) if mergekit_makes_tokenizer(merge_config) else ()
     return keys + ((LAYERS_KEY,) if merge_config.slices or merge_config.modules else ())
@@ -73,7 +67,7 @@ def _with_values(config: Dict[str, Any], source: Mapping[str, Any], keys) -> Dic
 
 def expected_config(instruct: Mapping[str, Any], written: Mapping[str, Any], merge_config) -> Dict[str, Any]:
     """The Instruct's config.json with the dtype and the recipe's own keys of `written`."""
-    from mergekit_timber.quantized import plain_config
+    from mergekit_timber.integration.quantized import plain_config
 
     config = plain_config(instruct, _dtype_of(written))
     return _with_values(config, written, _recipe_keys(merge_config))
@@ -133,7 +127,7 @@ def _differ(a: Path, b: Path) -> bool:
 
 
 def _check_files(stage: Path, instruct_dir: Path, merge_config, options) -> None:
-    from mergekit_timber.card import mergekit_makes_tokenizer
+    from mergekit_timber.integration.card import mergekit_makes_tokenizer
 
     def refuse(name: str, why: str):
         raise TimberOutputError(
@@ -156,14 +150,14 @@ def _check_files(stage: Path, instruct_dir: Path, merge_config, options) -> None
         and any((instruct_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
     )  # fmt: skip
     if copied:
-        for name in COPIED_TOKENIZER_FILES:
+        for name in MERGEKIT_TOKENIZER_COPY:
             if _differ(stage / name, instruct_dir / name):
                 refuse(name, "is not a copy of" if (instruct_dir / name).is_file() else "is there without")
 
 
 def instruct_tensors(instruct_dir: Path) -> Dict[str, Optional[Tuple[int, ...]]]:
     """name -> shape of the Instruct checkpoint as a merge reads it (an FP8 one without scales)."""
-    from mergekit_timber import hub_layout, quantized
+    from mergekit_timber.integration import hub_layout, quantized
     from mergekit_timber.checkpoint import Checkpoint
 
     stored = hub_layout._stored_tensors(Path(instruct_dir))
@@ -178,8 +172,8 @@ def instruct_tensors(instruct_dir: Path) -> Dict[str, Optional[Tuple[int, ...]]]
 def _mergekit_reads(merge_config, options):
     """(name -> whether mergekit reads the Instruct's stored tensor `name`, name -> whether
     mergekit writes `name` as a tied copy of a stored one), from mergekit's architecture."""
-    from mergekit_timber.preflight import architecture_weights
-    from mergekit_timber.recipe import base_model
+    from mergekit_timber.integration.preflight import architecture_weights
+    from mergekit_timber.integration.recipe import base_model
 
     base = base_model(merge_config)
     weights = architecture_weights(merge_config, options, base) if base is not None else None
@@ -201,8 +195,8 @@ def _mergekit_reads(merge_config, options):
 
 
 def _check_tensors(written: Mapping[str, Tuple[int, ...]], instruct_dir: Path, merge_config, options) -> None:
-    from mergekit_timber.card import mergekit_makes_tokenizer
-    from mergekit_timber.hub_layout import _layer_template
+    from mergekit_timber.integration.card import mergekit_makes_tokenizer
+    from mergekit_timber.integration.hub_layout import _layer_template
 
     stored = instruct_tensors(instruct_dir)
     reads, tied_copy = _mergekit_reads(merge_config, options)

@@ -1,6 +1,6 @@
 """One lm-evaluation-harness evaluation of one model, as `mergekit-timber search` runs it.
 
-This module runs inside a Ray worker (mergekit_timber.search sends `evaluate` there), so it
+This module runs inside a Ray worker (mergekit_timber.tools.search sends `evaluate` there), so it
 imports lm-eval and torch only inside its functions, and everything it needs travels in
 one picklable `EvalJob`. An evaluation writes into a staging folder beside its final one
 and renames it into place once lm-eval's files and `record.json` (its settings) are

@@ -1,9 +1,9 @@
-"""A Timber output is published only if every tensor is finite as written.
+"""Timber refuses NaN/Inf: in an input tensor (check_finite) and in the output as written.
 
 mergekit casts each merged tensor to `out_dtype` (or a weight's forced dtype) when it
 saves it, out of the method's sight: a float16 output whose values exceed 65504 holds
 Inf on disk although the merge itself was finite. So the written, still staged, output
-is read back and checked in the dtype each tensor was written in (mergekit_timber.seam
+is read back and checked in the dtype each tensor was written in (mergekit_timber.integration.seam
 runs this before publishing). The sweep checks the outputs it writes itself as it
 writes them.
 """
@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from mergekit_timber import input_pages
+from mergekit_timber.integration import input_pages
 from mergekit_timber.errors import NonFiniteInput, TimberConfigError, TimberError, TimberInputError
 
 _CHUNK = 1 << 22  # elements per check: never a full-size boolean mask of a large tensor
@@ -37,6 +37,16 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
         elif not bool(finite.all()):
             bad += int(finite.logical_not_().sum())
     return int(bad)
+
+
+def check_finite(name: str, which: str, tensor: torch.Tensor) -> None:
+    """Raise if an input tensor (`which`: base or instruct) holds NaN/Inf."""
+    bad = count_nonfinite(tensor)  # in chunks: no full-size mask on the device
+    if bad:
+        raise NonFiniteInput(
+            f"{name}: the {which} model's tensor holds {bad} NaN/Inf value(s); refusing to merge it",
+            tensor=name, which=which, count=bad, dtype=str(tensor.dtype).removeprefix("torch."),
+        )
 
 
 def check_tensor(name: str, tensor: torch.Tensor, label: str = "") -> None:
@@ -78,7 +88,7 @@ def blame_cast(error: NonFiniteInput, recipe_dtype: Optional[str], model_dir: Op
 
 def check_written(model_dir: Path) -> Dict[str, Tuple[int, ...]]:
     """Raise naming the first tensor of `model_dir` that holds NaN/Inf as written;
-    return every written tensor's shape (mergekit_timber.dropin checks them)."""
+    return every written tensor's shape (mergekit_timber.integration.dropin checks them)."""
     from mergekit_timber.checkpoint import open_written
 
     shapes = {}

@@ -92,7 +92,7 @@ def _copy_other_files(src: Path, dst: Path) -> None:
 
 def quantize_mxfp4(weight: torch.Tensor):
     """gpt-oss packing of an (E, R, C) expert weight (C a multiple of 32): blocks, scales (uint8)."""
-    from mergekit_timber.quantized import FP4_VALUES
+    from mergekit_timber.integration.quantized import FP4_VALUES
 
     experts, rows, cols = weight.shape
     groups = cols // 32

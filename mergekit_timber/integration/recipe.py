@@ -8,21 +8,21 @@ from __future__ import annotations
 
 from typing import Any, Iterator, List, Optional
 
-from mergekit_timber.errors import TimberInputError
+from mergekit_timber.errors import TimberInputError, is_timber_method
 
 
 def timber_method(config):
     """The TimberMerge a config names (`timber`, `timber_l`, a sweep's own), else None."""
     from mergekit.merge_methods import registry
 
-    from mergekit_timber.method import TimberMerge
+    from mergekit_timber.method.adapter import TimberMerge
 
     method = registry._METHODS.get(getattr(config, "merge_method", None) or "")
     return method if isinstance(method, TimberMerge) else None
 
 
 def is_timber(config) -> bool:
-    return timber_method(config) is not None
+    return is_timber_method(getattr(config, "merge_method", None))
 
 
 def _slices(config) -> Iterator[Any]:

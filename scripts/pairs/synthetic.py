@@ -32,8 +32,8 @@ the per-expert Hub layout (``mlp.experts.{e}.{gate,up,down}_proj.weight``).
 
 Command line::
 
-    python -m mergekit_timber.testing.synthetic OUT [--arch qwen3] [--layers 2] ...
-    python -m mergekit_timber.testing.synthetic OUT --preset qwen3-0.6b --layers 4
+    python scripts/make_pair.py OUT [--arch qwen3] [--layers 2] ...
+    python scripts/make_pair.py OUT --preset qwen3-0.6b --layers 4
 
 prints the base and instruct directories (one per line).
 """
@@ -718,7 +718,7 @@ def _parse_tie(value: str) -> Optional[bool]:
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mergekit_timber.testing.synthetic",
+        prog="python scripts/make_pair.py",
         description="Write a synthetic Base/Instruct model pair (OUT/base, OUT/instruct) "
         "that mergekit can merge; prints the two directories.",
     )

@@ -1,9 +1,9 @@
 """The mergekit adapter: `timber` and `timber_l` as mergekit GroupMergeMethods.
 
 This module maps mergekit's per-tensor call onto the kernel: it asks
-mergekit_timber.layout which tensors are refined and how each splits into matrices
+mergekit_timber.method.layout which tensors are refined and how each splits into matrices
 (stacked MoE experts, fused projections), checks the inputs, and reads the
-parameters. The maths lives in mergekit_timber.kernel.
+parameters. The maths lives in mergekit_timber.method.kernel.
 """
 
 from __future__ import annotations
@@ -27,25 +27,21 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_timber import DISTRIBUTION, PAPER_URL, finite, input_pages, layout, quantized, signals
-from mergekit_timber.errors import NonFiniteInput, TimberConfigError, TimberInputError
-from mergekit_timber.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
+from mergekit_timber import DISTRIBUTION, PAPER_URL
+
+from mergekit_timber.integration import input_pages, quantized, signals
+from mergekit_timber.integration.finite import check_finite
+
+from mergekit_timber.method import layout
+from mergekit_timber.errors import TimberConfigError, TimberInputError
+from mergekit_timber.method.kernel import ERANK, HeadRule, NonFiniteDelta, refine_stack
+from mergekit_timber.method.parameters import PARAMETERS, Parameter, check_cutoffs
 
 LOG = logging.getLogger(__name__)
-DEFAULT_LAMBDA = 0.2  # the authors' recommended default (arXiv 2509.23595)
 
 
-def _fraction(name: str, *, zero_ok: bool):
-    def check(value: Optional[float]) -> Optional[float]:
-        if value is None:
-            return None
-        low_ok = value >= 0 if zero_ok else value > 0
-        if not (low_ok and value <= 1):  # also rejects NaN
-            interval = "[0, 1]" if zero_ok else "(0, 1]"
-            raise TimberConfigError(f"timber: {name} must lie in {interval}; got {value}")
-        return value
-
-    return AfterValidator(check)
+def _fraction(parameter: Parameter):
+    return AfterValidator(parameter.check)
 
 
 def _strict_number(name: str):
@@ -82,51 +78,27 @@ def _no_lambda(value: Any) -> None:
     return None
 
 
-def _parameters(with_lambda: bool) -> tuple:
-    # NON_BASE scope: each may be set globally or under the instruct model's entry,
-    # with mergekit's filters and gradients; both places are honoured.
-    lam = (
-        ParameterSpec(
-            "lambda",
-            Annotated[float, _strict_number("lambda"), _fraction("lambda", zero_ok=True)],
-            ParameterScope.NON_BASE,
-            default=DEFAULT_LAMBDA,
-            description="Scale of the spectral tail: 0 removes it, 1 keeps the instruct tensor.",
-        )
-        if with_lambda
-        else ParameterSpec(
-            "lambda",
-            Annotated[Optional[float], BeforeValidator(_no_lambda)],  # any value, before parsing
-            ParameterScope.NON_BASE,
-            default=None,
-            description="Not accepted: timber_l always removes the tail.",
-        )
-    )
-    return (
-        lam,
-        ParameterSpec(
-            "refine_embeddings",
-            Annotated[bool, _strict_bool("refine_embeddings")],
-            ParameterScope.NON_BASE,
-            default=True,
-            description="Refine vocabulary-sized tensors (embeddings, lm_head); "
-            "false takes them from the instruct model.",
-        ),
-        ParameterSpec(
-            "rank_ratio",
-            Annotated[Optional[float], _strict_number("rank_ratio"), _fraction("rank_ratio", zero_ok=False)],
-            ParameterScope.NON_BASE,
-            default=None,
-            description="Ablation (Truncate-R): keep ceil(rank_ratio * rank) components instead of ceil(eRank).",
-        ),
-        ParameterSpec(
-            "energy",
-            Annotated[Optional[float], _strict_number("energy"), _fraction("energy", zero_ok=False)],
-            ParameterScope.NON_BASE,
-            default=None,
-            description="Ablation (Truncate-E): keep the smallest head holding this share of sum(S^2).",
-        ),
-    )
+def _spec(parameter: Parameter, method: str) -> ParameterSpec:
+    """mergekit's declaration of one parameter (parameters.PARAMETERS defines them).
+
+    NON_BASE scope: each may be set globally or under the instruct model's entry, with
+    mergekit's filters and gradients; both places are honoured.
+    """
+    name, description = parameter.name, parameter.meaning.replace("`", "")
+    if method not in parameter.methods:  # timber_l's lambda: any value refused, before parsing
+        kind = Annotated[Optional[float], BeforeValidator(_no_lambda)]
+        return ParameterSpec(name, kind, ParameterScope.NON_BASE, default=None,
+                             description=f"Not accepted by {method}.")
+    if parameter.kind is bool:
+        kind = Annotated[bool, _strict_bool(name)]
+    else:
+        optional = Optional[float] if parameter.default is None else float
+        kind = Annotated[optional, _strict_number(name), _fraction(parameter)]
+    return ParameterSpec(name, kind, ParameterScope.NON_BASE, default=parameter.default, description=description)
+
+
+def _parameters(method: str) -> tuple:
+    return tuple(_spec(parameter, method) for parameter in PARAMETERS)
 
 
 def _single(value: PerInputValues) -> Any:
@@ -139,11 +111,7 @@ def _single(value: PerInputValues) -> Any:
 
 
 def head_rule(rank_ratio: Optional[float], energy: Optional[float], tensor: str) -> HeadRule:
-    if rank_ratio is not None and energy is not None:
-        raise TimberConfigError(
-            f"timber: {tensor}: rank_ratio={rank_ratio} and energy={energy} are both set; "
-            "choose one cutoff rule (or neither, for Timber's eRank rule)"
-        )
+    check_cutoffs(rank_ratio, energy, tensor)  # preflight has checked the recipe; the API has not
     if rank_ratio is not None:
         return HeadRule("rank_ratio", rank_ratio)
     if energy is not None:
@@ -163,7 +131,7 @@ def refine_tensor(
     """Timber on one checkpoint tensor, in `out_dtype` (default: the instruct tensor's dtype)
     on the instruct tensor's device.
 
-    `split` (mergekit_timber.layout) says which matrices the tensor holds; without
+    `split` (mergekit_timber.method.layout) says which matrices the tensor holds; without
     it, the layout rule of an unknown architecture (2-D: one matrix; stacked experts
     need their architecture). With a sequence of lambdas, one decomposition serves
     them all and a tuple of results comes back, each bit-identical to a run with
@@ -195,15 +163,6 @@ def _refine(split, base, instruct, lams, rule, out_dtype=None) -> Tuple[torch.Te
     return outs
 
 
-def check_finite(name: str, which: str, tensor: torch.Tensor) -> None:
-    bad = finite.count_nonfinite(tensor)  # in chunks: no full-size mask on the device
-    if bad:
-        raise NonFiniteInput(
-            f"{name}: the {which} model's tensor holds {bad} NaN/Inf value(s); refusing to merge it",
-            tensor=name, which=which, count=bad, dtype=str(tensor.dtype).removeprefix("torch."),
-        )
-
-
 # Receives, per tensor, the outputs for a method's extra lambdas (see sweep.py).
 Sink = Callable[[str, Tuple[torch.Tensor, ...]], None]
 
@@ -233,7 +192,7 @@ class TimberMerge(GroupMergeMethod):
         pretty = "Timber-L" if tail_removed else "Timber"
         self.spec = MergeMethodSpec(
             name=name,
-            parameters=_parameters(with_lambda=not tail_removed),
+            parameters=_parameters("timber_l" if tail_removed else "timber"),
             contract=InputContract(
                 base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2,
                 min_non_base=1, max_non_base=1,

@@ -3,13 +3,13 @@
 mergekit 0.1.5 has no plugin discovery. The ``mergekit_timber_hook.pth`` file that ships
 with the wheel imports this module at interpreter start. It installs a meta-path finder
 that, right after mergekit imports one of the modules in ``FOLLOW_UP``, imports our
-module paired with it. Importing ``mergekit_timber.method`` registers the methods (the
+module paired with it. Importing ``mergekit_timber.method.adapter`` registers the methods (the
 one rule, as mergekit's own registry registers in its module body); importing
-``mergekit_timber.patches`` checks mergekit and puts the seam in place
-(mergekit_timber/patches.py says what it changes and why).
+``mergekit_timber.integration.patches`` checks mergekit and puts the seam in place
+(mergekit_timber/integration/patches.py says what it changes and why).
 
 No failure of ours may break ``import mergekit``: a follow-up that raises becomes a
-warning (and mergekit_timber.patches itself never raises: on a mergekit it cannot use,
+warning (and mergekit_timber.integration.patches itself never raises: on a mergekit it cannot use,
 it only makes Timber merges stop with one line).
 
 Nothing here imports torch or mergekit (nor importlib.abc, which alone costs ~25 ms):
@@ -26,8 +26,8 @@ import warnings
 
 # mergekit module -> our module to import as soon as it has been executed.
 FOLLOW_UP = {
-    "mergekit.merge_methods": "mergekit_timber.method",
-    "mergekit.merge": "mergekit_timber.patches",
+    "mergekit.merge_methods": "mergekit_timber.method.adapter",
+    "mergekit.merge": "mergekit_timber.integration.patches",
 }
 
 

@@ -1,6 +1,6 @@
 """Spectral analysis of a Base/Instruct pair: what Timber would do, matrix by matrix.
 
-For every tensor that Timber refines (the selection of mergekit_timber.method: every
+For every tensor that Timber refines (the selection of mergekit_timber.method.adapter: every
 floating tensor with 2 or more dimensions, embeddings and lm_head included; a tensor
 of more dimensions is read as [out, -1]; stacked MoE experts ``*.experts.down_proj``
 [E, H, I] give one matrix per expert and fused ``*.experts.gate_up_proj`` [E, 2I, H]
@@ -40,13 +40,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-from mergekit_timber.checkpoint import Checkpoint, dtype_name, resolve_model
+from mergekit_timber.checkpoint import FLOATING_TAGS, Checkpoint, dtype_name, resolve_model
 from mergekit_timber.errors import TimberInputError
 # The kernel's own pieces: W_out is rebuilt by exactly the code a merge runs (same
 # head/tail form, same rounding), row chunk by row chunk, so that the float64 result
 # is never held whole. tests/test_analyze.py checks it against method.refine_tensor
 # bit for bit.
-from mergekit_timber.kernel import (
+from mergekit_timber.method.kernel import (
     ERANK,
     HeadRule,
     as_tall,
@@ -57,8 +57,10 @@ from mergekit_timber.kernel import (
     right_spectrum,
     singular_values,
 )
-from mergekit_timber import layout
-from mergekit_timber.method import check_finite
+from mergekit_timber.method import layout
+from mergekit_timber.method.parameters import LAMBDA
+from mergekit_timber.tools import require
+from mergekit_timber.integration.finite import check_finite
 
 # Columns of erank.csv, in order, with their meaning (shown by `mergekit-timber analyze
 # --help` and included in the --format json output as "columns").
@@ -138,9 +140,6 @@ def module_order(module: str) -> tuple:
 # --------------------------------------------------------------------------- checkpoints
 
 
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-
-
 def _architecture(cfg: dict) -> str:
     archs = cfg.get("architectures") or []
     return ",".join(archs) if archs else str(cfg.get("model_type") or "")
@@ -152,7 +151,7 @@ def refined_tensor_names(
     name_filter: Optional[str] = None,
     refine_embeddings: bool = True,
 ) -> List[Tuple[str, layout.Split]]:
-    """(name, split) of the tensors Timber refines (mergekit_timber.layout's rule),
+    """(name, split) of the tensors Timber refines (mergekit_timber.method.layout's rule),
     after checking the pair matches."""
     b_arch, i_arch = _architecture(base.config()), _architecture(instruct.config())
     if b_arch and i_arch and b_arch != i_arch:
@@ -181,7 +180,7 @@ def refined_tensor_names(
         if b_shape != i_shape:
             raise TimberInputError(f"{name}: base shape {b_shape} != instruct shape {i_shape}")
         split = layout.split(
-            name, i_shape, arch, floating=i_dtype in _FLOAT_DTYPES,
+            name, i_shape, arch, floating=i_dtype in FLOATING_TAGS,
             vocabulary=name in vocabulary, refine_embeddings=refine_embeddings,
         )
         if split.refined:
@@ -315,8 +314,7 @@ def analyze_pair(
     refine_embeddings: bool = True,
 ) -> Analysis:
     """Rows (one per matrix) and summary for a pair; `progress` wraps the tensor loop."""
-    if not 0 <= lam <= 1:
-        raise TimberInputError(f"lambda must lie in [0, 1]; got {lam}")
+    LAMBDA.check(lam, prefix="")
     selected = dict(refined_tensor_names(base, instruct, name_filter, refine_embeddings))
     names = list(selected)
     rows: List[Dict[str, Any]] = []
@@ -609,6 +607,7 @@ def run(
     refine_embeddings: bool = True,
 ) -> Analysis:
     """Analyze a pair and write erank.csv, summary.json and the three plots to `out_dir`."""
+    require("analyze", "tools")  # the plots: before reading a tensor
     dtype = getattr(torch, out_dtype) if out_dtype else None  # a name of checkpoint.DTYPES
     base = Checkpoint(resolve_model(base_ref, "base"), "base")
     instruct = Checkpoint(resolve_model(instruct_ref, "instruct"), "instruct")

@@ -1,16 +1,16 @@
 """Timber merge orchestration: what `run_merge` does for a `timber`/`timber_l` merge.
 
-mergekit_timber/patches.py hands Timber merges here (and only those); this module checks
+mergekit_timber/integration/patches.py hands Timber merges here (and only those); this module checks
 the output folder, runs preflight, merges into a staging folder inside the output
-(mergekit_timber.output_dir) with mergekit's own `run_merge`, puts the Instruct model's
+(mergekit_timber.integration.output_dir) with mergekit's own `run_merge`, puts the Instruct model's
 own config.json, tokenizer and generation config beside the weights (a failure stops the
-merge), writes the card (mergekit_timber/card.py; a failure there only warns), checks that
-the staged files and tensor names are the Instruct's (mergekit_timber.dropin) and
+merge), writes the card (mergekit_timber/integration/card.py; a failure there only warns), checks that
+the staged files and tensor names are the Instruct's (mergekit_timber.integration.dropin) and
 publishes the model at the end; SIGTERM/SIGHUP clean up like Ctrl-C
-(mergekit_timber.signals). The tensor values and the vocabulary handling are mergekit's;
-block-FP8 inputs are read dequantized, exactly (mergekit_timber.quantized), and every
+(mergekit_timber.integration.signals). The tensor values and the vocabulary handling are mergekit's;
+block-FP8 inputs are read dequantized, exactly (mergekit_timber.integration.quantized), and every
 tensor is written under the Instruct checkpoint's own name and layout
-(mergekit_timber.hub_layout).
+(mergekit_timber.integration.hub_layout).
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from mergekit_timber import dropin, finite, guard, hub_layout, preflight, quantized, signals, worker_threads
-from mergekit_timber.card import has_tokenizer, mergekit_makes_tokenizer, model_card
+from mergekit_timber.integration import dropin, finite, guard, hub_layout, preflight, quantized, signals, worker_threads
+from mergekit_timber.integration.card import has_tokenizer, mergekit_makes_tokenizer, model_card
 from mergekit_timber.errors import NonFiniteInput, TimberOutputError
-from mergekit_timber.output_dir import OutputDir, describe, writing_into
-from mergekit_timber.recipe import base_model, instruct_model, is_timber, with_instruct_as_donor
+from mergekit_timber.integration.output_dir import OutputDir, describe, writing_into
+from mergekit_timber.checkpoint import local_dir
+from mergekit_timber.integration.recipe import base_model, instruct_model, is_timber, with_instruct_as_donor
 
 LOG = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def instruct_dir(config, options) -> Path:
 
 def _local(model, options) -> Optional[Path]:
     try:
-        return Path(model.local_path(cache_dir=options.transformers_cache, ignore_lora=True))
+        return local_dir(model, options)
     except Exception:  # noqa: BLE001 - only used to word an error better
         return None
 

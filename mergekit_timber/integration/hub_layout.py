@@ -26,7 +26,7 @@ one tensor at a time as mergekit hands it to its `TensorWriter`:
 Hook-in: `TensorWriter.save_tensor` is wrapped once (`install`, called by the first
 Timber merge of the process); the wrapper acts only
 for a writer whose output directory a Timber merge registered (`written_like_instruct`,
-entered by mergekit_timber.seam around mergekit's merge and by the sweep around its
+entered by mergekit_timber.integration.seam around mergekit's merge and by the sweep around its
 extra writers). Every other writer, hence every non-Timber merge, gets mergekit's own
 method with the same arguments.
 """

@@ -8,10 +8,10 @@ under a name used by this merge alone, and is removed afterwards; the `timber` e
 other merge uses stays stateless. The sink writes the other lambdas' outputs with
 mergekit's own TensorWriter.
 Afterwards each extra output gets the first output's non-weight files (the Instruct
-model's config, tokenizer and generation config: mergekit_timber.seam), its own model
+model's config, tokenizer and generation config: mergekit_timber.integration.seam), its own model
 card and a `mergekit_config.yml` that reproduces it alone with `mergekit-yaml`.
 Every output is staged inside its own folder and published by the rules of a single
-merge (mergekit_timber.output_dir), once all of them are written.
+merge (mergekit_timber.integration.output_dir), once all of them are written.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import yaml
 
 from mergekit_timber.checkpoint import open_written
-from mergekit_timber import dropin, finite, hub_layout, quantized, signals
+from mergekit_timber.integration import dropin, finite, hub_layout, quantized, signals
 from mergekit_timber.errors import SWEEP_METHOD_PREFIX, TimberConfigError
-from mergekit_timber.output_dir import display, is_weight_file, writing_into
+from mergekit_timber.method.parameters import LAMBDA
+from mergekit_timber.checkpoint import is_weight_file
+from mergekit_timber.integration.output_dir import display, writing_into
 
 SIDE_SHARD_BYTES = 1_000_000_000
 
@@ -74,8 +76,7 @@ def parse_lambdas(text: str) -> List[float]:
     if not values:
         raise TimberConfigError("--lambdas: give at least one value")
     for value in values:
-        if not 0 <= value <= 1:
-            raise TimberConfigError(f"--lambdas: lambda must lie in [0, 1]; got {value:g}")
+        LAMBDA.check(value, prefix="--lambdas: ")
     if len(set(values)) != len(values):
         raise TimberConfigError(f"--lambdas: repeated value in {text!r}")
     if len({output_name(v) for v in values}) != len(values):  # one directory per lambda
@@ -117,11 +118,11 @@ def run_sweep(config_path: Path, out_root: Path, lambdas: Sequence[float], optio
     """Write OUT/lambda-X/ for every lambda from one pass; return the output dirs.
 
     Every output is staged inside its folder and published only once all of them are
-    written, each as a single merge's output is (mergekit_timber.output_dir).
+    written, each as a single merge's output is (mergekit_timber.integration.output_dir).
     """
     from mergekit.config import MergeConfiguration
 
-    from mergekit_timber import seam
+    from mergekit_timber.integration import seam
 
     source = load_sweep_config(config_path)
     out_root = Path(out_root)
@@ -143,7 +144,7 @@ def _write_and_publish(targets, configs, texts, lambdas, options) -> None:
     from mergekit.common import dtype_from_name
     from mergekit.io.tensor_writer import TensorWriter
 
-    from mergekit_timber import seam
+    from mergekit_timber.integration import seam
 
     stages = [target.open() for target in targets]
     # Each extra writer buffers up to one shard in memory: cap it, or mergekit's 5 GB
@@ -200,7 +201,7 @@ def _sweep_method(extra_lambdas: Sequence[float], sink) -> Iterator[str]:
     import mergekit_timber
     from mergekit import merge_methods
     from mergekit.merge_methods import registry
-    from mergekit_timber.method import TimberMerge
+    from mergekit_timber.method.adapter import TimberMerge
 
     name = f"{SWEEP_METHOD_PREFIX}{next(_SWEEP_IDS)}-{id(sink):x}"
     merge_methods.register(

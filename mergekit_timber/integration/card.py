@@ -9,16 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mergekit_timber.checkpoint import looks_like_hub_id
-from mergekit_timber.recipe import base_model, instruct_model
+from mergekit_timber.checkpoint import GENERATION_CONFIG, TOKENIZER_CORE, looks_like_hub_id
+from mergekit_timber.integration.recipe import base_model, instruct_model
 
-# Files any tokenizer saved by transformers leaves (one of them is enough to try a copy).
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def has_tokenizer(model_dir: Path) -> bool:
     """Whether there is a tokenizer to copy (else transformers would invent an empty one)."""
-    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
+    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_CORE)
 
 
 def mergekit_makes_tokenizer(config) -> bool:
@@ -66,7 +64,7 @@ def model_card(config, config_yaml: str, *, name: str, options, instruct_dir: Pa
     vocab = ", vocabulary size set by the tokenizer step" if mergekit_makes_tokenizer(config) else ""
     generation = (
         f"{instruct_md} (the Instruct model)"
-        if (instruct_dir / "generation_config.json").is_file()
+        if (instruct_dir / GENERATION_CONFIG).is_file()
         else "none (the Instruct model has none)"
     )
     card = CARD_TEMPLATE.format(

@@ -13,7 +13,7 @@
   (never read) is an error;
 - parameter values: one validation. A setting's shape (value, gradient, filter entries)
   is mergekit's `ParameterSetting`; each value goes through the method's own
-  `ParameterSpec.validate` (mergekit_timber.method), exactly as mergekit resolves it per
+  `ParameterSpec.validate` (mergekit_timber.method.adapter), exactly as mergekit resolves it per
   tensor. Preflight only adds what neither reports in one line: `null`, unknown keys in a
   filter entry;
 - models: each exists locally or as a Hub id (a local-looking path that does not exist
@@ -23,7 +23,7 @@
   not) in both as transformers reads the configs. Mixed dtypes without `dtype:` are a
   warning: mergekit promotes both to a common dtype, as for any method.
 
-The Base is `base_model:` or the slices' own `base_model:` (mergekit_timber.recipe).
+The Base is `base_model:` or the slices' own `base_model:` (mergekit_timber.integration.recipe).
 `explain_config_error` turns mergekit's pydantic error for a Timber config (e.g.
 `lambda: null`) into the same one-line errors.
 """
@@ -36,10 +36,12 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from mergekit_timber import quantized
+from mergekit_timber.integration import quantized
 from mergekit_timber.errors import TimberConfigError, TimberError, TimberInputError, add_explainer
 from mergekit_timber.errors import TIMBER_METHODS
-from mergekit_timber.recipe import base_model
+from mergekit_timber.integration.recipe import base_model
+from mergekit_timber.checkpoint import MERGE_DTYPES, local_dir
+from mergekit_timber.method.parameters import ENERGY, RANK_RATIO, check_cutoffs
 
 LOG = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ LOG = logging.getLogger(__name__)
 
 
 def _spec(method: str):
-    import mergekit_timber.method  # noqa: F401 - registers the methods
+    import mergekit_timber.method.adapter  # noqa: F401 - registers the methods
     from mergekit import merge_methods
 
     return merge_methods.get(method).spec
@@ -213,7 +215,7 @@ def _scalars(setting: Any) -> Iterator[Any]:
 
 def parameter_vocabulary() -> Dict[str, List[str]]:
     """Parameter name -> the registered methods that declare it (mergekit's vocabulary)."""
-    import mergekit_timber.method  # noqa: F401 - registers the methods
+    import mergekit_timber.method.adapter  # noqa: F401 - registers the methods
     from mergekit import merge_methods
 
     names: Dict[str, List[str]] = {}
@@ -254,6 +256,7 @@ def check_document(doc: Dict[str, Any]) -> None:
                     "read: set it under the instruct model's entry or in the top-level parameters:"
                 )
             _check_value(method, specs[key], value, where)
+    _check_cutoffs(method, doc)
     for key, places in ignored.items():
         owners = [m for m in vocabulary[key] if m != method]
         LOG.warning(
@@ -261,6 +264,30 @@ def check_document(doc: Dict[str, Any]) -> None:
             method, key, ", ".join(places), ", ".join(owners[:4]) + (", ..." if len(owners) > 4 else ""),
             method, ", ".join(specs),
         )
+
+
+def _for_every_tensor(value: Any) -> bool:
+    """A setting that reaches every tensor: a value or gradient, or filter entries with a
+    catch-all (an entry without `filter:`, as mergekit's evaluate_setting reads it)."""
+    entries = value if isinstance(value, list) and value and all(isinstance(v, dict) for v in value) else None
+    return entries is None or any(not entry.get("filter") for entry in entries)
+
+
+def _check_cutoffs(method: str, doc: Dict[str, Any]) -> None:
+    """rank_ratio with energy, refused before the merge (the method refuses it per tensor):
+    both set for every tensor in one place, or one in the top-level parameters and the
+    other in a place below them."""
+    cutoffs = (RANK_RATIO.name, ENERGY.name)
+    top: Dict[str, Any] = {}
+    for where, params, base_entry in _parameter_places(doc):
+        if not isinstance(params, dict) or base_entry:
+            continue
+        here = {k: params[k] for k in cutoffs if params.get(k) is not None and _for_every_tensor(params[k])}
+        found = {**top, **here} if where != "parameters" else here
+        if len(found) == 2:
+            check_cutoffs(found[RANK_RATIO.name], found[ENERGY.name], where, method)
+        if where == "parameters":
+            top = here
 
 
 def _document(merge_config, source: Optional[str]) -> Dict[str, Any]:
@@ -276,13 +303,11 @@ def _document(merge_config, source: Optional[str]) -> Dict[str, Any]:
     return merge_config.model_dump(mode="json", exclude_none=True, warnings=False)
 
 
-# The dtype names the recipe may use: what mergekit's dtype_from_name knows (0.1.5).
-KNOWN_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 def _check_dtypes(method: str, doc: Dict[str, Any]) -> None:
     """`dtype:`/`out_dtype:` that mergekit would refuse mid-merge ("Unimplemented dtype")."""
-    from mergekit_timber import guard
+    from mergekit_timber.integration import guard
 
     dtype_from_name = guard.lookup("mergekit.common.dtype_from_name")
     for key in ("dtype", "out_dtype"):
@@ -292,7 +317,7 @@ def _check_dtypes(method: str, doc: Dict[str, Any]) -> None:
         try:
             dtype_from_name(value)
         except Exception:  # noqa: BLE001 - mergekit raises RuntimeError; any failure is the same answer
-            closest = difflib.get_close_matches(str(value), KNOWN_DTYPES, n=1)
+            closest = difflib.get_close_matches(str(value), list(MERGE_DTYPES), n=1)
             hint = f"did you mean {closest[0]!r}? " if closest else ""
             raise TimberConfigError(
                 f"{method}: {key}: {value!r} is not a dtype mergekit knows; {hint}"
@@ -369,7 +394,7 @@ def _local_dir(ref, role: str, options) -> Optional[Path]:
     from mergekit_timber.checkpoint import resolve_model
 
     def fetch() -> str:  # as mergekit fetches it
-        return ref.local_path(cache_dir=options.transformers_cache, ignore_lora=True)
+        return str(local_dir(ref, options))
 
     local = resolve_model(ref.model.path, role, fetch)
     return None if ref.lora else local
@@ -520,7 +545,7 @@ def _promoted(dtype_a: str, dtype_b: str) -> str:
     """torch.promote_types of two safetensors dtype names (what mergekit's align_dtype uses)."""
     import torch
 
-    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    names = {tag: getattr(torch, name) for name, tag in MERGE_DTYPES.items()}
     if dtype_a in names and dtype_b in names:
         return str(torch.promote_types(names[dtype_a], names[dtype_b])).removeprefix("torch.")
     return "a common dtype"

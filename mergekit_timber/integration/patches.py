@@ -3,24 +3,24 @@
 Timber's output is the Instruct model with refined weights, a drop-in for it. mergekit
 0.1.5 takes the output's config.json, tokenizer, generation config and tagalong files
 from `base_model`, writes into the output directory as it goes and has no hook for any
-of it. So, right after `mergekit.merge` has executed (mergekit_timber/_hook.py imports
+of it. So, right after `mergekit.merge` has executed (mergekit_timber/integration/_hook.py imports
 this module then, before `mergekit-yaml` and `mergekit-multi` bind `run_merge`), three
 functions of `mergekit.merge` are replaced by wrappers with the same signature:
 
 | replaced | a Timber merge gets | every other merge gets |
 |---|---|---|
-| `run_merge` | mergekit_timber.seam.run_timber_merge (preflight, staged output, drop-in files, card) | mergekit's function, same arguments |
+| `run_merge` | mergekit_timber.integration.seam.run_timber_merge (preflight, staged output, drop-in files, card) | mergekit's function, same arguments |
 | `_model_out_config` | the Instruct model as the donor of config.json (a Timber merge reaching mergekit's `run_merge` without the seam stops here, before any file) | mergekit's function, same arguments |
 | `_get_donor_model` | the Instruct model as the donor of tokenizer and tagalong files | mergekit's function, same arguments |
 
 Two more are changed by the modules that need them, during a Timber merge only:
-`TensorWriter.save_tensor` is wrapped (mergekit_timber.hub_layout, when the first
+`TensorWriter.save_tensor` is wrapped (mergekit_timber.integration.hub_layout, when the first
 Timber merge of the process starts) and acts only for the output folders a Timber merge
 registered; block-FP8 models get a
 dequantizing loader in `LoaderCache.loaders` for the time of one merge
-(mergekit_timber.quantized), taken out again after it.
+(mergekit_timber.integration.quantized), taken out again after it.
 
-Before replacing anything, mergekit_timber.guard checks every mergekit name the plugin
+Before replacing anything, mergekit_timber.integration.guard checks every mergekit name the plugin
 relies on. If one is missing or changed, nothing above is replaced: `run_merge` is only
 wrapped by a pass-through that stops Timber merges with one line (the guard's finding)
 and hands every call to mergekit untouched. `undo()` puts mergekit's own functions back
@@ -35,10 +35,10 @@ import importlib
 import sys
 from typing import Callable, Dict
 
-from mergekit_timber import guard
-from mergekit_timber.errors import SWEEP_METHOD_PREFIX, TIMBER_METHODS, TimberError, install_excepthook, running_cli
+from mergekit_timber.integration import guard
+from mergekit_timber.errors import TimberError, install_excepthook, is_timber_method, running_cli
 
-_SEAM = None  # mergekit_timber.seam once installed (imported only when the guard passes)
+_SEAM = None  # mergekit_timber.integration.seam once installed (imported only when the guard passes)
 _ORIGINALS: Dict[str, Callable] = {}  # where -> mergekit's own function, while replaced
 
 
@@ -56,12 +56,7 @@ def _wrapper(where: str):
 def _names_timber(config) -> bool:
     """Whether a config asks for a Timber method (never raises: any doubt is not Timber)."""
     try:
-        name = getattr(config, "merge_method", None)
-        if not isinstance(name, str):
-            return False
-        if _SEAM is not None:
-            return _SEAM.is_timber(config)
-        return name in TIMBER_METHODS or name.startswith(SWEEP_METHOD_PREFIX)
+        return is_timber_method(getattr(config, "merge_method", None))
     except Exception:  # noqa: BLE001 - a non-Timber merge must reach mergekit whatever happens
         return False
 
@@ -92,7 +87,7 @@ def _wrappers() -> Dict[str, Callable]:
             )
         donor = seam.with_instruct_as_donor(config)
         out = guard.lookup("mergekit.merge._model_out_config")(donor, arch_info, trust_remote_code=trust_remote_code)
-        from mergekit_timber import quantized
+        from mergekit_timber.integration import quantized
 
         return quantized.dequantized_config(out, config)  # a block-FP8 Instruct's output is bf16
 
@@ -154,7 +149,7 @@ def install() -> guard.Verdict:
     problems = guard.check()
     if not problems:
         try:
-            from mergekit_timber import seam
+            from mergekit_timber.integration import seam
 
             _SEAM = seam
             _replace(_wrappers())

@@ -1,6 +1,6 @@
 """Which checkpoint tensors Timber refines, and how each splits into matrices.
 
-The one rule, shared by the merge (mergekit_timber.method) and `mergekit-timber
+The one rule, shared by the merge (mergekit_timber.method.adapter) and `mergekit-timber
 analyze`. Timber decomposes each linear map of the forward pass (SPEC: one
 decomposition per projection; for MoE, per expert and per projection):
 
@@ -11,7 +11,7 @@ decomposition per projection; for MoE, per expert and per projection):
 - a 2-D tensor is one matrix, also a dense fused projection stored as one linear layer
   (Phi-3 ``qkv_proj``, ``gate_up_proj``): decomposed as stored, as the authors' script;
 - a stacked expert tensor splits per expert, and a fused one also per projection, as
-  the architecture's forward slices it (the table below, by config ``model_type``);
+  the architecture's forward slices it (transformers' conversion mapping, or the\n  table below for what it does not cover, by config ``model_type``);
 - a convolution kernel (Mamba ``conv1d``, vision patch embeddings) is read as
   [out, -1], as the authors' script reshapes tensors of more than 2 dimensions;
 - any other tensor of 3 or more dimensions stops the merge with one line naming it
@@ -23,11 +23,12 @@ the name is there, else converted to the transformers-5 model layout (per-expert
 tensors become stacked ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj``
 [E, H, I]). Analyze reads checkpoints as stored: the same table covers both. The
 output goes back to the Instruct checkpoint's own names and layout as it is written
-(mergekit_timber.hub_layout, with transformers' reverse conversion, not this table).
+(mergekit_timber.integration.hub_layout, with transformers' reverse conversion, not this table).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -103,19 +104,14 @@ _DOWN = re.compile(r"(^|\.)experts\.down_proj$")
 _STACKED_EXPERTS = ((_GATE_UP, _GATE_UP_ROWS), (_DOWN, _DOWN_ROWS))
 _STACKED_EXPERTS_COLS = ((_GATE_UP, _GATE_UP_COLS), (_DOWN, _DOWN_COLS))
 
-# model_type -> (name pattern, layout). Each entry was read off the experts class of
-# transformers 5 (modeling_<type>.py: parameter shapes and the forward's slicing) and
-# the checkpoint conversions mergekit 0.1.5 applies (transformers' conversion_mapping).
+# Most MoE checkpoints store one matrix per expert, and transformers' conversion mapping
+# (the one mergekit 0.1.5 reads them through) stacks them: `converted_layout` reads the
+# layout off that mapping. Our own table, model_type -> (name pattern, layout), holds only
+# what it does not cover: checkpoints stored stacked (or renamed) in their own layout.
+# Each entry was read off the experts class of transformers 5 (modeling_<type>.py:
+# parameter shapes and the forward's slicing).
 LAYOUTS: Dict[str, Tuple[Tuple[re.Pattern, Experts], ...]] = {
-    **{
-        model_type: _STACKED_EXPERTS
-        for model_type in (
-            "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_5_moe",
-            "mixtral", "minimax", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "afmoe",
-            "olmoe", "flex_olmo", "phimoe", "deepseek_v2", "deepseek_v3", "dots1",
-            "ernie4_5_moe", "hunyuan_v1_moe", "lfm2_moe", "exaone_moe", "jamba",
-        )
-    },
+    "qwen3_5_moe": _STACKED_EXPERTS,  # stored stacked as [E, 2I, H] / [E, H, I]
     # Granite MoE: the checkpoint stores block_sparse_moe.input_linear.weight [E, 2I, H]
     # (gate then up) and output_linear.weight [E, H, I]; transformers 5 renames them to
     # experts.gate_up_proj / experts.down_proj, same layout.
@@ -148,6 +144,35 @@ LAYOUTS["llama4_text"] = LAYOUTS["llama4"]
 UNSUPPORTED: Dict[str, re.Pattern] = {
     "dbrx": re.compile(r"(^|\.)experts\.mlp\.(w1|v1|w2)$"),
 }
+
+@functools.lru_cache(maxsize=None)
+def converted_layout(model_type: Optional[str]) -> Tuple[Tuple[re.Pattern, Experts], ...]:
+    """The stacked experts transformers' conversion mapping builds for `model_type`: the
+    per-expert gate and up matrices merged (MergeModulelist(dim=0)) and concatenated
+    (Concatenate(dim=1)) into experts.gate_up_proj [E, 2I, H], gate rows first, and the
+    down matrices into experts.down_proj [E, H, I]; () when it builds neither."""
+    if not model_type:
+        return ()
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+    except ImportError:  # pragma: no cover - transformers comes with mergekit
+        return ()
+    found = set()
+    for step in get_checkpoint_conversion_mapping(model_type) or ():
+        if not isinstance(step, WeightConverter):
+            continue
+        ops = [(type(op), getattr(op, "dim", None)) for op in step.operations]
+        targets, sources = list(step.target_patterns), list(step.source_patterns)
+        if len(targets) != 1:
+            continue
+        if targets[0].endswith("experts.gate_up_proj") and len(sources) == 2 \
+                and ops == [(MergeModulelist, 0), (Concatenate, 1)]:
+            found.add("gate_up")
+        elif targets[0].endswith("experts.down_proj") and len(sources) == 1 and ops == [(MergeModulelist, 0)]:
+            found.add("down")
+    return _STACKED_EXPERTS if found == {"gate_up", "down"} else ()
+
 
 # Convolution modules of transformers models (nn.Conv1d/2d/3d weights): one kernel,
 # read as [out, -1] like the authors' script reads every tensor of > 2 dimensions.
@@ -256,7 +281,9 @@ def split(
             "experts as one matrix"
         )
     for model_type in (arch.model_type, arch.text_model_type):
-        for pattern, experts in LAYOUTS.get(model_type or "", ()):
+        own = LAYOUTS.get(model_type or "")
+        stacked = _GATE_UP.search(name) or _DOWN.search(name)  # ask transformers only for these
+        for pattern, experts in own if own is not None else (converted_layout(model_type) if stacked else ()):
             if pattern.search(name):
                 _check_experts(name, shape, arch, experts)
                 return Split(True, experts.describe(), experts)

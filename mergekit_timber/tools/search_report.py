@@ -1,6 +1,6 @@
 """Pass@k against lambda from a search's lm-eval samples: table, plot, best lambda per k.
 
-Every model's samples are read with mergekit_timber.passk (the estimator and the bootstrap
+Every model's samples are read with mergekit_timber.tools.passk (the estimator and the bootstrap
 bands of `mergekit-timber passk`); all models share the bootstrap's seed, so their bands
 are over the same resampled problems, and the difference between the best lambda and the
 Instruct model gets its own paired band.
@@ -15,9 +15,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from mergekit_timber import passk as pk
+from mergekit_timber.tools import passk as pk
 from mergekit_timber.errors import TimberInputError
-from mergekit_timber.search_eval import EvalJob, sample_files
+from mergekit_timber.tools.search_eval import EvalJob, sample_files
 
 BEST_COLUMNS = ("k", "best_lambda", "pass_at_k", "ci_low", "ci_high", "instruct", "diff_vs_instruct",
                 "diff_low", "diff_high")
