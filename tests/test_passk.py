@@ -667,7 +667,7 @@ def test_lmeval_pass_at_1_gives_c():
         pk.read_tallies([path], metric="pass@8")
     assert str(info.value) == (
         f"{path} line 1: metric 'pass@8' is one Pass@8 score for the problem's 8 completions,"
-        " not per-sample correctness; use --metric pass@1 (see README, 'Pass@k from lm-evaluation-harness')"
+        " not per-sample correctness; use --metric pass@1 (see docs/passk.md, 'Pass@k from lm-evaluation-harness')"
     )
 
 
@@ -683,7 +683,7 @@ def test_lmeval_pass_at_k_is_refused():
         assert str(info.value) == (
             f"{path} line 1: metric 'pass@{k}' is one Pass@{k} score for the problem's 8 completions,"
             " not per-sample correctness; score with pass@1 (k: [1]) or one 0/1 per completion"
-            " (see README, 'Pass@k from lm-evaluation-harness')"
+            " (see docs/passk.md, 'Pass@k from lm-evaluation-harness')"
         )
 
 
@@ -711,7 +711,7 @@ def unscored_note(path: Path, filter_name: str) -> str:
     return (
         f"{path}: filter {filter_name!r} scored one answer per problem out of 8 completions"
         " (take_first keeps the first, majority_vote a vote), so n = 1 and 7 of every 8 went"
-        " unscored; for Pass@k keep every completion (see README, 'Pass@k from lm-evaluation-harness')"
+        " unscored; for Pass@k keep every completion (see docs/passk.md, 'Pass@k from lm-evaluation-harness')"
     )
 
 
@@ -750,7 +750,7 @@ def test_lmeval_one_value_over_all_completions_is_refused():
     assert str(info.value) == (
         f"{path} line 1: metric 'solved' = {first} is one score for the problem's 8 completions,"
         " not per-sample correctness; use a per-repeat list, pass@1 or exact_match"
-        " (see README, 'Pass@k from lm-evaluation-harness')"
+        " (see docs/passk.md, 'Pass@k from lm-evaluation-harness')"
     )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import run_cli, shared_toy_pair, write_yaml
 
-from mergekit_timber import passk as pk
+from mergekit_timber.tools import passk as pk
 
 import toy_lmeval_task
 

@@ -29,7 +29,7 @@ from mergekit_timber.errors import TimberError
 
 LOG = logging.getLogger(__name__)
 
-# mergekit versions the test suite has been run against (README: "How the registration works").
+# mergekit versions the test suite has been run against (docs/registration.md).
 VERIFIED_MERGEKIT = ("0.1.5",)
 
 

@@ -294,7 +294,7 @@ def split(
     raise TimberInputError(
         f"{name}: shape {list(shape)}: no known layout for a {len(shape)}-D tensor in "
         f"{arch.label}; Timber refines each expert and projection separately and will "
-        "not guess how this tensor stacks or fuses them (see README: architectures)"
+        "not guess how this tensor stacks or fuses them (see docs/architectures.md)"
     )
 
 

@@ -65,7 +65,7 @@ PREFERRED_METRICS = ("exact_match", "acc", "pass@1")
 # lm-eval metrics whose value for one doc is the mean correctness of its completions.
 MEAN_METRICS = ("pass@1", "exact_match")
 CSV_COLUMNS = ("model", "k", "pass_at_k", "ci_low", "ci_high", "n", "problems")
-README_HINT = "see README, 'Pass@k from lm-evaluation-harness'"
+README_HINT = "see docs/passk.md, 'Pass@k from lm-evaluation-harness'"
 _HARNESS_NAME = re.compile(r"^samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d.\-]+$")
 _PASS_AT = re.compile(r"^pass@(\d+)$")
 
