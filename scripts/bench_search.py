@@ -14,7 +14,7 @@ folder and its own process, timed from the process's start to its result:
 Prints (and writes to OUT/bench.md) a table with the ratios (sequential / search with 2
 workers; 1 worker / 2 workers); the load average around each run goes to stderr. All three
 write the same samples (same seeds and batches; checked). The pair comes from --pair,
-toy_search/pair, toy_study/default/seed-0/pair, or is trained (~2 min).
+toy_search/pair, toy_study/default/seed-0/pair, or is trained (7 to 14 min).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def find_pair(given: Path | None, out: Path) -> Path:
         if pair is not None and (pair / "pair.json").exists():
             return pair
     pair = out / "pair"
-    print(f"training the default toy pair into {pair} (~2 min)", file=sys.stderr, flush=True)
+    print(f"training the default toy pair into {pair} (7 to 14 min with the pinned math)", file=sys.stderr, flush=True)
     subprocess.run([sys.executable, REPO / "scripts" / "toy_pair.py", pair, "--preset", "default", "--seed", "0"],
                    check=True, stdout=subprocess.DEVNULL)
     return pair

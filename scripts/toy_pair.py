@@ -101,7 +101,7 @@ NARROW_SMALLEST = Preset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=
                          batch=8, block=64, base_lr=3e-3, sft_lr=1e-3, held_out=8, lengths=(2, 3), post="rft",
                          rft_rounds=2, rft_problems=16, rft_samples=4, rft_temperature=0.5, rft_max_new_tokens=48)
 PRESETS = {
-    # About 5 minutes on 2 CPU cores.
+    # 7 to 14 minutes of one core (pinned math; seeds 0-4 of the toy study, load 2-4).
     "default": Preset(hidden=128, layers=3, heads=4, kv_heads=2, intermediate=256, base_steps=800,
                       sft_steps=200, batch=16, block=128, base_lr=3e-3, sft_lr=5e-4, held_out=100),
     # For tests and quick looks: well under a minute on one core.

@@ -5,7 +5,7 @@
 
 1. the default toy pair (scripts/toy_pair.py, preset default, seed 0: the pair of
    `bash scripts/toy_study.sh`): taken from --pair, else from toy_study/default/seed-0/pair
-   when that run exists, else trained into OUT/pair/ (~2 min);
+   when that run exists, else trained into OUT/pair/ (7 to 14 min with the pinned math);
 2. local lm-eval tasks over its 100 held-out problems, 16 repeats each
    (scripts/toy_lmeval_task.py): OUT/tasks/;
 3. the plain recipe (`mergekit-timber recipe`): OUT/timber.yml;
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (pair / "pair.json").exists():
         pair = out / "pair"
         if not (pair / "pair.json").exists():
-            print(f"training the default toy pair into {pair} (~2 min)", file=sys.stderr, flush=True)
+            print(f"training the default toy pair into {pair} (7 to 14 min with the pinned math)", file=sys.stderr, flush=True)
             subprocess.run([sys.executable, REPO / "scripts" / "toy_pair.py", pair, "--preset", "default",
                             "--seed", "0", "--threads", "1"], check=True, env=env, stdout=subprocess.DEVNULL)
     subprocess.run([sys.executable, REPO / "scripts" / "toy_lmeval_task.py", pair, out / "tasks",
