@@ -287,7 +287,18 @@ def test_mount_point_with_its_mode_and_setgid_group(pair, cfg, reference, tmp_pa
 def start_merge(cfg, out, *args, tool="mergekit-yaml"):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **ENV)
     return subprocess.Popen([cli(tool), *map(str, (*(["sweep"] if tool == "mergekit-timber" else []), cfg, out, *args))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_termination_signals)  # fmt: skip
+
+
+def default_termination_signals() -> None:
+    """In the child: SIGTERM/SIGHUP act as in a terminal, even when pytest runs under nohup.
+
+    An ignored SIGHUP is inherited and, rightly, stays ignored by the merge
+    (test_nohup_keeps_sighup_ignored), which would make a SIGHUP test a no-op.
+    """
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def wait_for_shard(proc, folder: Path, timeout=240) -> None:
