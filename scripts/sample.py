@@ -134,7 +134,8 @@ def prompt_ids(tokenizer, problems: list[dict], chat: bool) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def sample_transformers(args: argparse.Namespace, tokenizer, ids: list[list[int]]) -> Iterator[tuple[int, str]]:
+def sample_transformers(args: argparse.Namespace, settings: dict, tokenizer,
+                        ids: list[list[int]]) -> Iterator[tuple[int, str]]:
     """(problem index, completion) n times per problem, problems in order, batch by batch."""
     import torch
     from transformers import AutoModelForCausalLM, set_seed
@@ -157,7 +158,6 @@ def sample_transformers(args: argparse.Namespace, tokenizer, ids: list[list[int]
     # Every knob explicit: generate() takes what it is not given from the model's
     # generation_config.json (and transformers' defaults, top_k 50), model by model.
     # None disables a knob (top_k 0 and min_p 0 mean off here).
-    settings = sampling_settings(args)
     sampling = (
         {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p,
          "top_k": args.top_k or None, "min_p": args.min_p or None}
@@ -206,13 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     check = CHECKERS[args.checker]
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     ids = prompt_ids(tokenizer, problems, args.chat)
+    settings = sampling_settings(args)
     if args.backend == "vllm":
         samples = sample_vllm(args, ids)
     else:
-        samples = sample_transformers(args, tokenizer, ids)
+        samples = sample_transformers(args, settings, tokenizer, ids)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    settings = sampling_settings(args)
     drawn = [0] * len(problems)
     correct = 0
     with open(args.output, "w", encoding="utf-8") as f:
