@@ -56,6 +56,12 @@ if [ "${MERGEKIT_TIMBER_SETUP_KEEP_INSTALL:-0}" = 1 ]; then
     # scripts/check_readme.py runs commands in a temporary copy that shares this .venv:
     # re-pointing the venv's editable install at that copy would break it once the copy is gone.
     say "keeping the installed packages (MERGEKIT_TIMBER_SETUP_KEEP_INSTALL=1; this checkout runs from PYTHONPATH)"
+    # A venv installed from an older checkout has a registration hook this one lacks: every
+    # Timber merge would then fail minutes into a long run. Check it now.
+    if ! "$VENV/bin/python" -c 'import mergekit.merge_methods as m; m.get("timber")' >/dev/null 2>&1; then
+        echo "setup: error: $VENV does not register merge_method timber for this checkout (installed from an older one?): run bash scripts/setup.sh in the checkout that owns $VENV" >&2
+        exit 1
+    fi
 else
     run_step "installing mergekit-timber (editable) with mergekit 0.1.5, transformers, the test tools and the [tools] and [search] extras: matplotlib, ray, lm-eval (usually 2-4 min the first time, 10 s after)" \
         "$VENV/bin/python" -m pip install -e ".[test,tools]"

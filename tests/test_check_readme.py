@@ -1,6 +1,7 @@
 """scripts/check_readme.py: the figure blocks of README.md and docs/*.md are rerun and compared
 (exact or within a tolerance), picked one at a time, and rewritten in place."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,23 @@ def test_the_machine_line_is_reported_not_compared():
     assert check_readme.compare(want, want.replace("AMD EPYC 7B13 (AuthenticAMD", "Intel Xeon (GenuineIntel"), None) == []
     assert check_readme.compare(want, want.replace("26.8", "26.9"), None) != []
     assert check_readme.compare(want, "Pass@1 26.8\n", 0.1) == []
+
+
+@pytest.mark.parametrize("hook", ["on", "off"])
+def test_a_shared_venv_that_does_not_register_timber_is_refused_at_setup(hook):
+    """check_readme shares the checkout's .venv (setup.sh keeps its packages): one installed
+    from an older checkout would fail every Timber merge minutes into a run, so setup stops
+    at once. A venv whose hook does not load stands in for it (MERGEKIT_TIMBER_NO_HOOK)."""
+    env = {k: v for k, v in os.environ.items() if k != "MERGEKIT_TIMBER_NO_HOOK"}
+    env.update(VENV=sys.prefix, MERGEKIT_TIMBER_SETUP_KEEP_INSTALL="1", PYTHONPATH=str(ROOT))
+    if hook == "off":
+        env["MERGEKIT_TIMBER_NO_HOOK"] = "1"
+    proc = subprocess.run(["bash", ROOT / "scripts" / "setup.sh"], capture_output=True, text=True, env=env, timeout=300)
+    if hook == "on":
+        assert proc.returncode == 0, proc.stderr
+        return
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"setup: error: {sys.prefix} does not register merge_method timber for this checkout (installed from an "
+        f"older one?): run bash scripts/setup.sh in the checkout that owns {sys.prefix}"
+    )
