@@ -21,6 +21,7 @@ a test.
     python scripts/check_readme.py --only 3        # block 3 of --list
     python scripts/check_readme.py --only "bash scripts/toy_study.sh"   # blocks with exactly this command
     python scripts/check_readme.py --only docs/durations.md             # the block of exactly this file
+    python scripts/check_readme.py --only toy      # every toy block (scripts/toy_study.sh, toy_search.sh)
     python scripts/check_readme.py --update        # rewrite the blocks with fresh output
     python scripts/check_readme.py durations -o docs/durations.md   # time the README's commands
 
@@ -121,12 +122,19 @@ def all_blocks(pages: List[Path]) -> List[Block]:
     return found
 
 
+# `--only toy`: the blocks whose command runs one of the toy scripts (the trained toy pairs'
+# studies and searches), the ones that must reproduce byte for byte on any x86 CPU.
+TOY_COMMAND = re.compile(r"^bash scripts/toy_\w+\.sh(\s|$)")
+
+
 def select(found: List[Block], only: Optional[str]) -> List[Block]:
-    """`--only`: a number from --list, or exactly a block's command, or exactly its file."""
+    """`--only`: a number from --list, `toy`, or exactly a block's command, or exactly its file."""
     if not only:
         return found
     if only.isdigit():
         return [b for b in found if b.index == int(only)]
+    if only.strip() == "toy":
+        return [b for b in found if TOY_COMMAND.match(b.command)]
     return [b for b in found if only.strip() in (b.command, b.path)]
 
 
@@ -312,7 +320,7 @@ def main(argv=None) -> int:
     parser.add_argument("what", nargs="?", default="check", choices=["check", "durations"])
     parser.add_argument("--page", "--readme", dest="pages", type=Path, action="append",
                         help="a page to read (repeatable; default: README.md and docs/*.md)")  # fmt: skip
-    parser.add_argument("--only", help="one block: its number in --list, or exactly its command or its file")
+    parser.add_argument("--only", help="its number in --list, exactly its command or its file, or 'toy' (every toy block)")
     parser.add_argument("--update", action="store_true", help="rewrite the blocks with fresh output")
     parser.add_argument("--list", action="store_true", help="list the blocks and the numbers outside them")
     parser.add_argument("-o", "--out", type=Path, help="durations: the markdown file to write")
@@ -336,7 +344,7 @@ def main(argv=None) -> int:
         return 0
     selected = select(found, args.only)
     if not selected:
-        print(f"[check_readme] no figure block is '{args.only}' (a number, command or file of --list)", file=sys.stderr)
+        print(f"[check_readme] no figure block is '{args.only}' (a number, command or file of --list, or toy)", file=sys.stderr)
         return 1
     commands: Dict[str, List[Block]] = {}
     for block in selected:  # one run per command, for all its blocks
