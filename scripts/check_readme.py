@@ -133,9 +133,10 @@ def select(found: List[Block], only: Optional[str]) -> List[Block]:
         return found
     if only.isdigit():
         return [b for b in found if b.index == int(only)]
-    if only.strip() == "toy":
+    key = only.strip()
+    if key == "toy":
         return [b for b in found if TOY_COMMAND.match(b.command)]
-    return [b for b in found if only.strip() in (b.command, b.path)]
+    return [b for b in found if key in (b.command, b.path)]
 
 
 def _tracked(path: str) -> bool:
